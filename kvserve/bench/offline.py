@@ -1,0 +1,296 @@
+"""`kvserve bench latency | throughput`: offline benchmarks, with transformers in the same process.
+
+latency     batch-1 greedy decode of one prompt: decode tok/s, TTFT, TPOT, ITL; then the
+            no-cache baseline: decode tok/s with `cache_mode="none"` against the cache, over
+            several prompt lengths (O(n^2) against O(n)).
+throughput  random prompts submitted at once to `LLM.generate`: request, output and total
+            token throughput; transformers runs padded batches of the same prompts.
+
+Every iteration uses fresh random prompts of the same lengths (so the prefix cache never hits),
+the two systems run interleaved, and the tables report medians over iterations. The machine's
+load is sampled before each iteration and any warning goes to stderr and into the JSON record.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+from kvserve.bench import plots
+from kvserve.bench import workloads as wl
+
+Record = dict[str, Any]
+DecodeFn = Callable[[Sequence[int], int], tuple[wl.DecodeTiming, list[int]]]
+
+
+def add_subcommands(
+    bench_parser: argparse.ArgumentParser,
+    add_engine_args: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """`bench latency` and `bench throughput`, each with every engine flag."""
+    commands = bench_parser.add_subparsers(dest="bench_command", required=True)
+    lat = commands.add_parser("latency", help="batch-1 decode speed and the no-cache baseline")
+    lat.add_argument("--input-len", type=int, default=128)
+    lat.add_argument("--output-len", type=int, default=256)
+    lat.add_argument("--num-iters", type=int, default=3)
+    lat.add_argument("--warmup", type=int, default=1, help="untimed runs before measuring")
+    lat.add_argument("--no-cache-lens", default="128,512,1024", help="prompt lengths; '' skips")
+    lat.add_argument("--no-cache-output-len", type=int, default=32)
+    lat.add_argument("--no-cache-iters", type=int, default=1)
+    lat.add_argument("--plot", default=None, help="PNG of tok/s vs prompt length, cache vs none")
+    thr = commands.add_parser("throughput", help="many random prompts at once (--seed fixes them)")
+    thr.add_argument("--num-prompts", type=int, default=64)
+    thr.add_argument("--min-input-len", type=int, default=32)
+    thr.add_argument("--max-input-len", type=int, default=512)
+    thr.add_argument("--output-len", type=int, default=128)
+    thr.add_argument("--num-iters", type=int, default=3)
+    thr.add_argument("--warmup", type=int, default=1, help="small untimed batches first")
+    thr.add_argument("--hf-batch-size", type=int, default=16)
+    thr.add_argument("--hf-num-iters", type=int, default=1, help="transformers iterations")
+    for parser in (lat, thr):
+        parser.add_argument("--compare-transformers", action="store_true")
+        parser.add_argument("--output-json", default=None, help="write the run's JSON record")
+        add_engine_args(parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    monitor = wl.LoadMonitor()  # first, so it can tell our own load from others'
+    run = run_latency if args.bench_command == "latency" else run_throughput
+    record = run(args, monitor)
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=2)
+            f.write("\n")
+        print(f"wrote {args.output_json}")
+    return 0
+
+
+class _Bench:
+    """One run's engine, optional transformers model, prompt source and load log."""
+
+    def __init__(self, args: argparse.Namespace, monitor: wl.LoadMonitor) -> None:
+        from kvserve.cli import engine_config_from_args
+        from kvserve.llm import LLM
+
+        self.args, self.monitor = args, monitor
+        self.config = engine_config_from_args(args)
+        self.llm = LLM(**dataclasses.asdict(self.config))
+        self.hf_model: Any = None
+        if args.compare_transformers:
+            from kvserve.bench.hf_baseline import load_hf_model
+
+            self.hf_model = load_hf_model(self.llm.engine.model_path)
+        self.seed = args.seed if args.seed is not None else 0
+        self.vocab_size, self.exclude = _token_space(self.llm)
+        self.load_samples: list[Record] = []
+
+    def prompts(self, lengths: Sequence[int], key: str) -> list[list[int]]:
+        return wl.random_prompts(lengths, self.vocab_size, f"{key}:{self.seed}", self.exclude)
+
+    def check_load(self, when: str) -> None:
+        sample = self.monitor.sample()
+        self.load_samples.append({"when": when, **sample._asdict()})
+        if sample.warning:
+            message = f"WARNING: {sample.warning} (before {when}); timings may be distorted"
+            print(message, file=sys.stderr)
+
+    def record(self, benchmark: str, results: Record) -> Record:
+        warnings = [s["when"] + ": " + s["warning"] for s in self.load_samples if s["warning"]]
+        engine_fields = {f.name for f in dataclasses.fields(self.config)}
+        bench_args = {
+            key: value
+            for key, value in vars(self.args).items()
+            if key not in engine_fields and not key.startswith("_") and not callable(value)
+        }
+        return {
+            "benchmark": benchmark,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {
+                "bench": bench_args,
+                "engine": dataclasses.asdict(self.llm.engine.config),
+                "model_path": self.llm.engine.model_path,
+            },
+            "machine": machine_info(),
+            "load": {"idle": not warnings, "warnings": warnings, "samples": self.load_samples},
+            "results": results,
+        }
+
+
+# ---- latency ------------------------------------------------------------------------------
+
+
+def run_latency(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+    bench = _Bench(args, monitor)
+    systems: dict[str, DecodeFn] = {"kvserve": partial(time_kvserve_decode, bench.llm)}
+    if bench.hf_model is not None:
+        from kvserve.bench.hf_baseline import time_hf_decode
+
+        systems["transformers"] = partial(time_hf_decode, bench.hf_model)
+    for index in range(args.warmup):
+        for decode in systems.values():
+            decode(bench.prompts([args.input_len], f"warmup:{index}")[0], args.output_len)
+    runs: dict[str, list[tuple[wl.DecodeTiming, list[int]]]] = {name: [] for name in systems}
+    for index in range(args.num_iters):
+        bench.check_load(f"latency iteration {index}")
+        prompt = bench.prompts([args.input_len], f"latency:{index}")[0]
+        for name, decode in systems.items():
+            runs[name].append(decode(prompt, args.output_len))
+    results: Record = {name: wl.summarize_decode([t for t, _ in r]) for name, r in runs.items()}
+    if "transformers" in results:
+        ratio = results["kvserve"]["median_decode_tok_s"]
+        results["ratio_decode_tok_s"] = ratio / results["transformers"]["median_decode_tok_s"]
+        first_ids = [token_ids for _, token_ids in (runs["kvserve"][0], runs["transformers"][0])]
+        results["greedy_tokens_agree"] = wl.agreeing_prefix(*first_ids)
+    plots.print_latency(args, results)
+    lengths = [int(v) for v in args.no_cache_lens.split(",") if v.strip()]
+    if lengths:
+        results["no_cache"] = run_no_cache(bench, lengths)
+        plots.print_no_cache(args, results["no_cache"])
+        if args.plot:
+            threads = plots.torch_threads()
+            title = f"batch-1 decode of {args.no_cache_output_len} tokens, {threads} threads"
+            plots.plot_no_cache(results["no_cache"], args.plot, title)
+    return bench.record("latency", results)
+
+
+def run_no_cache(bench: _Bench, lengths: list[int]) -> list[Record]:
+    """Decode tok/s with and without a KV cache at each prompt length (medians)."""
+    from kvserve.llm import LLM
+
+    no_cache_llm = LLM(**dataclasses.asdict(bench.config.replace(cache_mode="none")))
+    systems: dict[str, DecodeFn] = {
+        "kvserve_cache": partial(time_kvserve_decode, bench.llm),
+        "kvserve_no_cache": partial(time_kvserve_decode, no_cache_llm),
+    }
+    if bench.hf_model is not None:
+        from kvserve.bench.hf_baseline import time_hf_decode
+
+        systems["transformers_cache"] = partial(time_hf_decode, bench.hf_model, use_cache=True)
+        systems["transformers_no_cache"] = partial(time_hf_decode, bench.hf_model, use_cache=False)
+    for decode in systems.values():
+        decode(bench.prompts([16], "no-cache-warmup")[0], 4)
+    output_len, rows = bench.args.no_cache_output_len, []
+    for length in lengths:
+        tok_s: dict[str, list[float]] = {name: [] for name in systems}
+        for index in range(bench.args.no_cache_iters):
+            bench.check_load(f"no-cache length {length} iteration {index}")
+            prompt = bench.prompts([length], f"no-cache:{length}:{index}")[0]
+            for name, decode in systems.items():
+                tok_s[name].append(decode(prompt, output_len)[0].decode_tok_s)
+        row: Record = {"prompt_len": length}
+        row.update({f"{name}_tok_s": statistics.median(v) for name, v in tok_s.items()})
+        for system in ("kvserve", "transformers"):
+            if f"{system}_cache_tok_s" in row:
+                cached, uncached = row[f"{system}_cache_tok_s"], row[f"{system}_no_cache_tok_s"]
+                row[f"{system}_cache_speedup"] = cached / uncached
+        rows.append(row)
+    return rows
+
+
+def time_kvserve_decode(
+    llm: Any, prompt_ids: Sequence[int], output_len: int
+) -> tuple[wl.DecodeTiming, list[int]]:
+    """Stream one greedy request with `ignore_eos`; time when each token appears."""
+    from kvserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    token_times: list[float] = []
+    token_ids: list[int] = []
+    start = time.perf_counter()
+    for output in llm.generate_stream({"prompt_token_ids": list(prompt_ids)}, params):
+        now = time.perf_counter()
+        token_ids = output.outputs[0].token_ids
+        token_times.extend([now] * (len(token_ids) - len(token_times)))
+    return wl.decode_timing(start, token_times), list(token_ids)
+
+
+# ---- throughput ---------------------------------------------------------------------------
+
+
+def run_throughput(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+    bench = _Bench(args, monitor)
+    lengths = wl.prompt_lengths(
+        args.num_prompts, args.min_input_len, args.max_input_len, bench.seed
+    )
+    for index in range(args.warmup):
+        warm = bench.prompts([min(n, 64) for n in lengths[:4]], f"warmup:{index}")
+        _time_systems(bench, warm, 8, with_hf=True)
+    runs: dict[str, list[Record]] = {"kvserve": [], "transformers": []}
+    for index in range(args.num_iters):
+        bench.check_load(f"throughput iteration {index}")
+        prompts = bench.prompts(lengths, f"throughput:{index}")
+        with_hf = index < args.hf_num_iters
+        for name, metrics in _time_systems(bench, prompts, args.output_len, with_hf).items():
+            runs[name].append(metrics)
+    results: Record = {name: wl.median_runs(r) for name, r in runs.items() if r}
+    if "transformers" in results:
+        kv, hf = results["kvserve"], results["transformers"]
+        results["ratio_output_throughput"] = kv["output_throughput"] / hf["output_throughput"]
+    plots.print_throughput(args, results)
+    return bench.record("throughput", results)
+
+
+def _time_systems(
+    bench: _Bench, prompts: list[list[int]], output_len: int, with_hf: bool
+) -> dict[str, Record]:
+    from kvserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    num_input = sum(len(p) for p in prompts)
+    start = time.perf_counter()
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    outputs = bench.llm.generate(requests, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    num_output = sum(len(o.outputs[0].token_ids) for o in outputs)
+    metrics = {"kvserve": wl.throughput_metrics(elapsed, len(prompts), num_input, num_output)}
+    metrics["kvserve"].update(wl.request_latencies(wl.request_times(outputs)))
+    if with_hf and bench.hf_model is not None:
+        from kvserve.bench.hf_baseline import time_hf_batches
+
+        hf = time_hf_batches(bench.hf_model, prompts, output_len, bench.args.hf_batch_size)
+        metrics["transformers"] = wl.throughput_metrics(
+            hf.elapsed_s, len(prompts), num_input, hf.num_output_tokens
+        )
+        metrics["transformers"]["num_padded_prompt_tokens"] = hf.num_padded_prompt_tokens
+    return metrics
+
+
+# ---- reporting ----------------------------------------------------------------------------
+
+
+def machine_info() -> Record:
+    import torch
+    import transformers
+
+    model_names = []
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model_names = [line.split(":", 1)[1].strip() for line in f if "model name" in line]
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model_names[0] if model_names else platform.processor(),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _token_space(llm: Any) -> tuple[int, frozenset[int]]:
+    """Token ids a random prompt may use: the vocabulary without special tokens."""
+    vocab_size = llm.engine.model_config.vocab_size
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        return vocab_size, frozenset()
+    return min(vocab_size, len(tokenizer)), frozenset(tokenizer.all_special_ids)

@@ -1,0 +1,271 @@
+"""Benchmark workloads and the arithmetic of their results (pure Python, no torch).
+
+- Seeded random prompts of token ids. String seeds go through sha512 in `random.Random`, so the
+  same key gives the same prompt in every process (unlike the salted `hash()`).
+- Left padding for the transformers batch baseline.
+- Timings of one streamed generation (`DecodeTiming`) and mean / median / p99 summaries with
+  vLLM bench names (`mean_ttft_ms`, `median_tpot_ms`, `p99_itl_ms`, ...).
+- `LoadMonitor`: is anything else using the CPU while we measure?
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+# A busy machine: more than this many cores' worth of work from other processes.
+MAX_OTHER_LOAD = 0.5
+
+
+def prompt_lengths(num_prompts: int, min_len: int, max_len: int, seed: int) -> list[int]:
+    """`num_prompts` lengths uniform in [min_len, max_len], fixed by `seed`."""
+    if num_prompts < 1:
+        raise ValueError(f"num_prompts: must be >= 1, got {num_prompts}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"min_input_len: need 1 <= min <= max, got {min_len} and {max_len}")
+    rng = random.Random(seed)
+    return [rng.randint(min_len, max_len) for _ in range(num_prompts)]
+
+
+def random_token_ids(
+    length: int, vocab_size: int, key: str, exclude: frozenset[int] = frozenset()
+) -> list[int]:
+    """`length` token ids in [0, vocab_size) minus `exclude` (special tokens), fixed by `key`.
+
+    Give every prompt that must not share a prefix with another its own key: prompts made
+    from the same key share their leading tokens, and the prefix cache would reuse them.
+    """
+    rng = random.Random(key)
+    return [_draw(rng, vocab_size, exclude) for _ in range(length)]
+
+
+def random_prompts(
+    lengths: Sequence[int], vocab_size: int, key: str, exclude: frozenset[int] = frozenset()
+) -> list[list[int]]:
+    """One random prompt per length, all drawn from one stream fixed by `key`."""
+    rng = random.Random(key)
+    return [[_draw(rng, vocab_size, exclude) for _ in range(n)] for n in lengths]
+
+
+def _draw(rng: random.Random, vocab_size: int, exclude: frozenset[int]) -> int:
+    if len(exclude) >= vocab_size:
+        raise ValueError("vocab_size: every token id is excluded")
+    while True:
+        token_id = rng.randrange(vocab_size)
+        if token_id not in exclude:
+            return token_id
+
+
+def left_pad(
+    prompts: Sequence[Sequence[int]], pad_id: int
+) -> tuple[list[list[int]], list[list[int]]]:
+    """Left-pad a batch to its longest prompt: (input_ids, attention_mask), as HF expects."""
+    width = max(len(p) for p in prompts)
+    input_ids = [[pad_id] * (width - len(p)) + list(p) for p in prompts]
+    mask = [[0] * (width - len(p)) + [1] * len(p) for p in prompts]
+    return input_ids, mask
+
+
+# ---- statistics ---------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile with linear interpolation (numpy's default)."""
+    if not values:
+        raise ValueError("values: need at least one value")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100.0
+    low, high = math.floor(rank), math.ceil(rank)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summarize(name: str, values: Sequence[float]) -> dict[str, float]:
+    """`{"mean_<name>", "median_<name>", "p99_<name>"}`, vLLM bench spelling."""
+    return {
+        f"mean_{name}": statistics.fmean(values),
+        f"median_{name}": statistics.median(values),
+        f"p99_{name}": percentile(values, 99.0),
+    }
+
+
+class DecodeTiming(NamedTuple):
+    """One batch-1 generation, in seconds.
+
+    start ---- ttft ----> token 1 ---- decode (n - 1 tokens) ----> token n
+    """
+
+    ttft_s: float
+    decode_s: float
+    e2e_s: float
+    num_tokens: int
+    itl_s: list[float]  # gaps between consecutive tokens
+
+    @property
+    def decode_tok_s(self) -> float:
+        return (self.num_tokens - 1) / self.decode_s if self.decode_s > 0 else math.nan
+
+    @property
+    def tpot_s(self) -> float:
+        return self.decode_s / (self.num_tokens - 1) if self.num_tokens > 1 else math.nan
+
+
+def decode_timing(start: float, token_times: Sequence[float]) -> DecodeTiming:
+    """Timing from the start time and the time each output token appeared."""
+    if not token_times:
+        raise ValueError("token_times: the generation produced no token")
+    gaps = [b - a for a, b in zip(token_times, token_times[1:], strict=False)]
+    return DecodeTiming(
+        ttft_s=token_times[0] - start,
+        decode_s=token_times[-1] - token_times[0],
+        e2e_s=token_times[-1] - start,
+        num_tokens=len(token_times),
+        itl_s=gaps,
+    )
+
+
+def summarize_decode(timings: Sequence[DecodeTiming]) -> dict[str, float]:
+    """Medians over iterations (decode tok/s, e2e) plus ttft / tpot / itl summaries in ms."""
+    itl = [gap for t in timings for gap in t.itl_s] or [math.nan]
+    return {
+        "median_decode_tok_s": statistics.median(t.decode_tok_s for t in timings),
+        "median_e2e_latency_s": statistics.median(t.e2e_s for t in timings),
+        "num_output_tokens": timings[0].num_tokens,
+        **summarize("ttft_ms", [t.ttft_s * 1e3 for t in timings]),
+        **summarize("tpot_ms", [t.tpot_s * 1e3 for t in timings]),
+        **summarize("itl_ms", [gap * 1e3 for gap in itl]),
+    }
+
+
+def throughput_metrics(
+    elapsed_s: float, num_requests: int, num_input_tokens: int, num_output_tokens: int
+) -> dict[str, float]:
+    """vLLM bench's throughput fields for one run."""
+    return {
+        "elapsed_time": elapsed_s,
+        "num_requests": num_requests,
+        "total_input_tokens": num_input_tokens,
+        "total_output_tokens": num_output_tokens,
+        "request_throughput": num_requests / elapsed_s,
+        "output_throughput": num_output_tokens / elapsed_s,
+        "total_token_throughput": (num_input_tokens + num_output_tokens) / elapsed_s,
+    }
+
+
+class RequestTimes(NamedTuple):
+    """When one request arrived, got its first token and finished (one clock, seconds)."""
+
+    arrival: float
+    first_token: float
+    finished: float
+    num_output_tokens: int
+
+
+def request_latencies(requests: Sequence[RequestTimes]) -> dict[str, float]:
+    """ttft / tpot / e2el summaries in ms over requests (tpot excludes the first token)."""
+    tpot = [
+        (r.finished - r.first_token) / (r.num_output_tokens - 1)
+        for r in requests
+        if r.num_output_tokens > 1
+    ] or [math.nan]
+    return {
+        **summarize("ttft_ms", [(r.first_token - r.arrival) * 1e3 for r in requests]),
+        **summarize("tpot_ms", [t * 1e3 for t in tpot]),
+        **summarize("e2el_ms", [(r.finished - r.arrival) * 1e3 for r in requests]),
+    }
+
+
+def request_times(outputs: Sequence[Any]) -> list[RequestTimes]:
+    """`RequestTimes` of finished `RequestOutput`s that carry metrics."""
+    return [
+        RequestTimes(
+            m.arrival_time, m.first_token_time, m.finished_time, len(o.outputs[0].token_ids)
+        )
+        for o in outputs
+        if (m := o.metrics) is not None and m.first_token_time and m.finished_time
+    ]
+
+
+def median_runs(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
+    """The median of every metric over iterations, plus the iterations themselves."""
+    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    return {**medians, "num_iters": len(runs), "iterations": list(runs)}
+
+
+def agreeing_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two generations share."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+# ---- machine load -------------------------------------------------------------------------
+
+
+class LoadSample(NamedTuple):
+    loadavg_1m: float
+    own_load_1m: float  # this process's estimated share of the 1-minute load
+    other_busy_cores: float | None  # other processes' CPU over the sample, in cores
+    warning: str | None
+
+
+def cpu_jiffies(proc_stat: str) -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs from the text of /proc/stat."""
+    fields = [int(v) for v in proc_stat.splitlines()[0].split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    return total - idle, total
+
+
+class LoadMonitor:
+    """Samples the machine's load; create it first thing, so it can tell our own load apart.
+
+    The 1-minute load average counts our own threads too (loading a model, the previous
+    iteration), so a sample warns when it exceeds `MAX_OTHER_LOAD` plus our own CPU seconds of
+    the last minute / 60, or when other processes used more than `MAX_OTHER_LOAD` cores while
+    we slept for the sample.
+    """
+
+    def __init__(self) -> None:
+        self._history: list[tuple[float, float]] = [(time.monotonic(), time.process_time())]
+
+    def sample(self, seconds: float = 1.0) -> LoadSample:
+        before = _read_jiffies()
+        own_before, wall_before = time.process_time(), time.monotonic()
+        time.sleep(seconds)
+        after = _read_jiffies()
+        own_after, wall_after = time.process_time(), time.monotonic()
+        self._history.append((wall_after, own_after))
+        other = None
+        if before is not None and after is not None and after[1] > before[1]:
+            busy_cores = (after[0] - before[0]) / (after[1] - before[1]) * (os.cpu_count() or 1)
+            other = max(0.0, busy_cores - (own_after - own_before) / (wall_after - wall_before))
+        loadavg = os.getloadavg()[0]
+        own = self._own_load(wall_after, own_after)
+        return LoadSample(loadavg, own, other, _load_warning(loadavg, own, other))
+
+    def _own_load(self, now: float, cpu_now: float) -> float:
+        """Our CPU seconds over the last minute / 60; the process is assumed to have started
+        at most a minute before this monitor (so its CPU time before then counts)."""
+        older = [cpu for t, cpu in self._history if t <= now - 60.0]
+        return (cpu_now - (older[-1] if older else 0.0)) / 60.0
+
+
+def _load_warning(loadavg: float, own: float, other: float | None) -> str | None:
+    if other is not None and other > MAX_OTHER_LOAD:
+        return f"machine busy: other processes used {other:.2f} cores during the load sample"
+    if loadavg > MAX_OTHER_LOAD + own:
+        return f"machine busy: 1-min load {loadavg:.2f} > {MAX_OTHER_LOAD} + own {own:.2f}"
+    return None
+
+
+def _read_jiffies() -> tuple[int, int] | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            return cpu_jiffies(f.read())
+    except OSError:
+        return None

@@ -1,0 +1,96 @@
+"""Engine arguments: one frozen dataclass, validated on construction, no I/O.
+
+CLI flags are generated from these fields (see `kvserve.cli`), vLLM spelling: the field
+`max_num_seqs` is the flag `--max-num-seqs`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+CacheMode = Literal["paged", "contiguous", "none"]
+CACHE_MODES: tuple[str, ...] = ("paged", "contiguous", "none")
+KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+PREEMPTION_MODES: tuple[str, ...] = ("recompute",)
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes an engine. `None` means "derive it from the model"."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "HF folder or .gguf file; default: SmolLM2-135M-Instruct"}
+    )
+    block_size: int = field(default=16, metadata={"help": "tokens per KV block (power of two)"})
+    kv_cache_memory_bytes: int | None = field(
+        default=None, metadata={"help": "bytes for the KV pool (default 1 GiB)"}
+    )
+    num_kv_blocks: int | None = field(
+        default=None, metadata={"help": "exact number of KV blocks (overrides the byte budget)"}
+    )
+    max_model_len: int | None = field(
+        default=None, metadata={"help": "longest prompt + output (default: the model's, max 4096)"}
+    )
+    max_num_seqs: int = field(default=64, metadata={"help": "most requests running at once"})
+    max_num_batched_tokens: int = field(
+        default=512, metadata={"help": "token budget of one step (decode tokens + prefill chunks)"}
+    )
+    enable_chunked_prefill: bool = field(
+        default=True, metadata={"help": "split long prompts into chunks that fit the budget"}
+    )
+    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse cached KV blocks"})
+    cache_mode: str = field(
+        default="paged", metadata={"help": "paged | contiguous (reserve max_model_len) | none"}
+    )
+    kv_cache_dtype: str = field(default="auto", metadata={"help": "dtype of stored K/V"})
+    preemption_mode: str = field(
+        default="recompute", metadata={"help": "what to do with a preempted request's KV"}
+    )
+    dtype: str = field(default="float32", metadata={"help": "compute dtype of the model"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
+    seed: int = field(default=0, metadata={"help": "seed of unseeded sampling"})
+    num_threads: int | None = field(
+        default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
+    )
+
+    def __post_init__(self) -> None:
+        _require_power_of_two("block_size", self.block_size)
+        _require_positive("kv_cache_memory_bytes", self.kv_cache_memory_bytes)
+        _require_positive("num_kv_blocks", self.num_kv_blocks)
+        _require_positive("max_model_len", self.max_model_len)
+        _require_positive("max_num_seqs", self.max_num_seqs)
+        _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
+        _require_positive("num_threads", self.num_threads)
+        _require_choice("cache_mode", self.cache_mode, CACHE_MODES)
+        _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _require_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        _require_choice("dtype", self.dtype, DTYPES)
+        if not isinstance(self.seed, int):
+            raise ValueError(f"seed: must be an integer, got {self.seed!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _require_positive(name: str, value: int | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+
+
+def _require_power_of_two(name: str, value: int) -> None:
+    _require_positive(name, value)
+    if value & (value - 1):
+        raise ValueError(f"{name}: must be a power of two, got {value}")
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: must be one of {', '.join(choices)}; got {value!r}")

@@ -1,0 +1,231 @@
+"""The engine: one loop of schedule -> execute -> update, plus request intake.
+
+prompt --tokenizer--> Request(WAITING)
+Engine.step():  scheduler.schedule()          -> SchedulerOutput
+                model_runner.execute(...)      -> ModelRunnerOutput
+                scheduler.update_from_output() -> requests that got a token
+                output_processor               -> RequestOutputs (text, logprobs, ...)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from kvserve.engine.model_runner import ModelRunner
+from kvserve.engine.output_processor import OutputProcessor
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from kvserve.kv.kv_cache import resolve_kv_dtype
+from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.sizing import kv_bytes_per_token
+from kvserve.outputs import RequestOutput
+from kvserve.request import Request, RequestStatus
+from kvserve.sampling_params import SamplingParams
+from kvserve.tokenizer import load_tokenizer
+
+logger = logging.getLogger("kvserve")
+
+DEFAULT_MAX_MODEL_LEN = 4096
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class Engine:
+    """A synchronous engine. `add_request` validates before any work; `step` advances all."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        self.model_path = _resolve_model_path(config.model)
+        self.tokenizer: Any = load_tokenizer(self.model_path)
+        self.model_runner = ModelRunner(self.model_path, config.dtype, config.device, config.seed)
+        self.model_config = self.model_runner.model_config
+        self.config, num_blocks = self._resolve(config)
+        self.model_runner.initialize_kv_cache(
+            num_blocks, self.config.block_size, self.config.kv_cache_dtype
+        )
+        self.kv_cache_manager = KVCacheManager(
+            num_blocks,
+            self.config.block_size,
+            enable_prefix_caching=self.config.enable_prefix_caching,
+            cache_mode=self.config.cache_mode,
+            max_model_len=self.max_model_len,
+            hash_extra_keys=(self.model_config.fingerprint, self.config.kv_cache_dtype),
+            sliding_window=self.model_config.sliding_window,
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=self.config.max_num_seqs,
+                max_num_batched_tokens=self.config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                enable_chunked_prefill=self.config.enable_chunked_prefill,
+            ),
+            self.kv_cache_manager,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.eos_token_ids = self._eos_token_ids()
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.config.max_model_len is not None
+        return self.config.max_model_len
+
+    def step(self) -> list[RequestOutput]:
+        """Run one step for every scheduled request; return outputs of those that advanced."""
+        scheduler_output = self.scheduler.schedule()
+        model_output = self.model_runner.execute(scheduler_output)
+        updated = self.scheduler.update_from_output(scheduler_output, model_output)
+        stopped = self.output_processor.detokenize(updated, model_output)
+        self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        return self.output_processor.make_outputs(updated)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptInput,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        cache_salt: str | None = None,
+    ) -> None:
+        """Validate and queue a request; raises ValueError (naming the field) before any work."""
+        if self.output_processor.has_request(request_id):
+            raise ValueError(f"request_id: {request_id!r} is already running")
+        text, prompt_token_ids = self.tokenize(prompt)
+        params = self.validate(prompt_token_ids, params)
+        children = [
+            Request(
+                request_id if params.n == 1 else f"{request_id}#{index}",
+                prompt_token_ids,
+                params.for_child(index) if params.n > 1 else params,
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=arrival_time,
+                cache_salt=cache_salt,
+            )
+            for index in range(params.n)
+        ]
+        self.output_processor.add_request(request_id, text, children)
+        for child in children:
+            self.scheduler.add_request(child)
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a user request (all its samples) and free its KV blocks now."""
+        child_ids = self.output_processor.child_ids(request_id)
+        self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+        self.output_processor.abort(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def get_stats(self) -> SchedulerStats:
+        return self.scheduler.get_stats()
+
+    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        """A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            if self.tokenizer is None:
+                raise ValueError("prompt: this model has no tokenizer; pass prompt_token_ids")
+            return prompt, list(self.tokenizer.encode(prompt))
+        if isinstance(prompt, list):
+            return None, list(prompt)
+        raise ValueError(f"prompt: expected str, list of token ids or dict, got {type(prompt)}")
+
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
+        """Check a request against the model and the engine limits; resolve max_tokens."""
+        if not prompt_token_ids:
+            raise ValueError("prompt_token_ids: the prompt must contain at least one token")
+        vocab_size = self.model_config.vocab_size
+        for token_id in prompt_token_ids:
+            if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
+                raise ValueError(
+                    f"prompt_token_ids: token id {token_id!r} is outside the vocabulary "
+                    f"[0, {vocab_size})"
+                )
+        num_prompt = len(prompt_token_ids)
+        if num_prompt >= self.max_model_len:
+            raise ValueError(
+                f"prompt: {num_prompt} tokens leave no room to generate within "
+                f"max_model_len {self.max_model_len}"
+            )
+        if params.max_tokens is None:
+            return params.replace(max_tokens=self.max_model_len - num_prompt)
+        if num_prompt + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) "
+                f"= {num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}"
+            )
+        return params
+
+    def _resolve(self, config: EngineConfig) -> tuple[EngineConfig, int]:
+        """Fill model-dependent defaults and size the KV pool."""
+        model_max = self.model_config.max_position_embeddings
+        max_model_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN)
+        if max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len: {max_model_len} exceeds the model's maximum {model_max}"
+            )
+        num_batched = config.max_num_batched_tokens
+        if config.cache_mode == "none" or not config.enable_chunked_prefill:
+            num_batched = max(num_batched, max_model_len)  # whole sequences must fit one step
+        config = config.replace(max_model_len=max_model_len, max_num_batched_tokens=num_batched)
+        num_blocks = self._num_blocks(config)
+        return config, num_blocks
+
+    def _num_blocks(self, config: EngineConfig) -> int:
+        if config.cache_mode == "none":
+            logger.info("KV cache: none (every step recomputes the whole sequence)")
+            return 0
+        dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model_runner.dtype)
+        per_token = kv_bytes_per_token(
+            self.model_config.num_hidden_layers,
+            self.model_config.num_key_value_heads,
+            self.model_config.head_dim,
+            dtype.itemsize,
+        )
+        if config.num_kv_blocks is not None:
+            num_blocks, field_name = config.num_kv_blocks, "num_kv_blocks"
+        else:
+            budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
+            num_blocks, field_name = (
+                budget // (per_token * config.block_size),
+                "kv_cache_memory_bytes",
+            )
+        assert config.max_model_len is not None
+        needed = math.ceil(config.max_model_len / config.block_size) + 1
+        if num_blocks < needed:
+            raise ValueError(
+                f"{field_name}: the KV pool holds {num_blocks} blocks of {config.block_size} "
+                f"tokens, fewer than the {needed} one request of max_model_len "
+                f"{config.max_model_len} may need; give more memory or lower max_model_len"
+            )
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s)",
+            num_blocks, config.block_size, num_blocks * config.block_size,
+            num_blocks * config.block_size * per_token / 2**20, per_token, dtype,
+        )  # fmt: skip
+        return num_blocks
+
+    def _eos_token_ids(self) -> frozenset[int]:
+        ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        return frozenset(ids)
+
+
+def _resolve_model_path(model: str | None) -> str:
+    if model is not None:
+        return str(model)
+    from kvserve.model.default import resolve_default_model
+
+    return resolve_default_model()

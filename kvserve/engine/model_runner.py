@@ -1,0 +1,129 @@
+"""Turns a `SchedulerOutput` into tensors, runs the model, samples. Tensors live only here.
+
+One step's batch is flat: the scheduled requests' new tokens laid end to end (decodes first).
+
+    input_ids:  [ d0 | d1 | d2 | p0 p0 p0 p0 | p1 p1 ]     num_tokens = 9
+    query_start_loc: 0    1    2    3           7     9
+    logits_indices:  0    1    2             6     8    (last row of each sampled request)
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from kvserve.engine.sampler import Sampler
+from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks, resolve_kv_dtype
+from kvserve.model.attention import AttentionMetadata
+from kvserve.model.config import ModelConfig
+from kvserve.model.loader import CausalLM, load_model
+
+
+class StepInputs(NamedTuple):
+    input_ids: torch.Tensor  # (num_tokens,)
+    positions: torch.Tensor  # (num_tokens,)
+    attn_metadata: AttentionMetadata
+    logits_indices: torch.Tensor  # (num_sampled,)
+
+
+class ModelRunner:
+    """Owns the model, the physical KV cache and the sampler; makes no policy decisions."""
+
+    def __init__(self, model_path: str, dtype: str, device: str, seed: int) -> None:
+        self.device = torch.device(device)
+        self.dtype = getattr(torch, dtype)
+        self.model: CausalLM = load_model(model_path, dtype=self.dtype, device=self.device)
+        self.model_config: ModelConfig = self.model.config
+        self.sampler = Sampler(seed=seed, device=self.device)
+        self.kv_caches: KVCaches | None = None
+        self.block_size = 0
+
+    def initialize_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> None:
+        """Allocate the whole KV pool once; `num_blocks == 0` runs without a cache."""
+        self.block_size = block_size
+        if num_blocks == 0:
+            self.kv_caches = None
+            return
+        config = self.model_config
+        self.kv_caches = allocate_kv_caches(
+            num_layers=config.num_hidden_layers,
+            num_blocks=num_blocks,
+            block_size=block_size,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            dtype=resolve_kv_dtype(kv_cache_dtype, self.dtype),
+            device=self.device,
+        )
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        """Run one step: copy-on-write copies, forward, logits of sampled rows, sampling."""
+        if self.kv_caches is not None:
+            copy_blocks(self.kv_caches, scheduler_output.block_copies)
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return ModelRunnerOutput()
+        inputs = self.prepare_inputs(scheduled)
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+        )  # (num_tokens, hidden)
+        sampled = [r for r in scheduled if r.sample]
+        if not sampled:
+            return ModelRunnerOutput()
+        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (num_sampled, vocab)
+        result = self.sampler(logits, sampled)
+        return ModelRunnerOutput(
+            request_ids=[r.request_id for r in sampled],
+            sampled_token_ids=result.token_ids,
+            logprobs=result.logprobs,
+        )
+
+    def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
+        """Build every per-step tensor once, from Python lists."""
+        input_ids: list[int] = []
+        positions: list[int] = []
+        query_start_loc = [0]
+        logits_indices: list[int] = []
+        for entry in scheduled:
+            input_ids.extend(entry.token_ids)
+            positions.extend(range(entry.num_computed_tokens, entry.seq_len))
+            query_start_loc.append(len(input_ids))
+            if entry.sample:
+                logits_indices.append(len(input_ids) - 1)
+        metadata = AttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=[entry.seq_len for entry in scheduled],
+            num_decodes=sum(1 for entry in scheduled if entry.num_new_tokens == 1),
+            slot_mapping=self._slot_mapping(scheduled),
+            block_tables=self._block_tables(scheduled),
+            block_size=self.block_size,
+        )
+        return StepInputs(
+            input_ids=self._tensor(input_ids),  # (num_tokens,)
+            positions=self._tensor(positions),  # (num_tokens,)
+            attn_metadata=metadata,
+            logits_indices=self._tensor(logits_indices),  # (num_sampled,)
+        )
+
+    def _slot_mapping(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        if self.kv_caches is None:
+            return None
+        block_size = self.block_size
+        slots: list[int] = []
+        for entry in scheduled:
+            for position in range(entry.num_computed_tokens, entry.seq_len):
+                block_id = entry.block_ids[position // block_size]
+                slots.append(block_id * block_size + position % block_size)
+        return self._tensor(slots)  # (num_tokens,)
+
+    def _block_tables(self, scheduled: list[ScheduledRequest]) -> torch.Tensor | None:
+        if self.kv_caches is None:
+            return None
+        width = max(len(entry.block_ids) for entry in scheduled)
+        rows = [entry.block_ids + [0] * (width - len(entry.block_ids)) for entry in scheduled]
+        return self._tensor(rows)  # (num_seqs, max_blocks_per_seq)
+
+    def _tensor(self, values: list[int] | list[list[int]]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,0 +1,169 @@
+"""Turns per-step engine state into user-facing `RequestOutput`s.
+
+A user request with `n` samples runs as `n` child requests (see `SamplingParams.for_child`);
+this module detokenizes each child incrementally, finds stop strings, collects logprobs, and
+assembles the children back into one `RequestOutput` per user request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.scheduler_output import ModelRunnerOutput, TokenLogprobs
+from kvserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvserve.request import Request
+
+
+@dataclass
+class _ChildState:
+    index: int
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[dict[int, Logprob]] | None
+    cumulative_logprob: float = 0.0
+    stop_string: str | None = None
+    output: CompletionOutput | None = None
+
+
+@dataclass
+class _ParentState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    children: dict[str, _ChildState]
+    metrics: RequestMetrics
+    num_cached_tokens: int = 0
+    finished_children: set[str] = field(default_factory=set)
+
+
+class OutputProcessor:
+    """Detokenization, stop strings and output assembly (no torch)."""
+
+    def __init__(self, tokenizer: object | None) -> None:
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _ParentState] = {}
+        self._parent_of: dict[str, str] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+        states: dict[str, _ChildState] = {}
+        for index, child in enumerate(children):
+            params = child.sampling_params
+            states[child.request_id] = _ChildState(
+                index=index,
+                detokenizer=IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params),
+                logprobs=[] if params.logprobs is not None else None,
+            )
+            self._parent_of[child.request_id] = request_id
+        self._parents[request_id] = _ParentState(
+            request_id=request_id,
+            prompt=prompt,
+            prompt_token_ids=children[0].prompt_token_ids,
+            children=states,
+            metrics=RequestMetrics(arrival_time=children[0].arrival_time),
+        )
+
+    def child_ids(self, request_id: str) -> list[str]:
+        parent = self._parents.get(request_id)
+        return list(parent.children) if parent else []
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._parents
+
+    def abort(self, request_id: str) -> None:
+        """Forget a user request whose children the scheduler already finished."""
+        parent = self._parents.get(request_id)
+        if parent is not None:
+            self._forget(parent)
+
+    def detokenize(self, updated: list[Request], model_output: ModelRunnerOutput) -> list[str]:
+        """Feed each child its new token; return the ids of children that hit a stop string."""
+        logprobs_of = dict(zip(model_output.request_ids, model_output.logprobs, strict=True))
+        stopped: list[str] = []
+        for request in updated:
+            state = self._child(request.request_id)
+            token_logprobs = logprobs_of.get(request.request_id)
+            if token_logprobs is not None:
+                self._add_logprobs(state, token_logprobs)
+            if state.stop_string is None:
+                state.stop_string = state.detokenizer.update(request.output_token_ids[-1:])
+                if state.stop_string is not None:
+                    request.stop_reason = state.stop_string
+                    stopped.append(request.request_id)
+        return stopped
+
+    def make_outputs(self, requests: list[Request]) -> list[RequestOutput]:
+        """One cumulative `RequestOutput` per user request touched this step."""
+        touched: dict[str, _ParentState] = {}
+        for request in requests:
+            parent = self._parents[self._parent_of[request.request_id]]
+            self._update_child(parent, request)
+            touched[parent.request_id] = parent
+        return [self._assemble(parent) for parent in touched.values()]
+
+    def _update_child(self, parent: _ParentState, request: Request) -> None:
+        state = parent.children[request.request_id]
+        finish_reason = request.status.finish_reason
+        if state.stop_string is not None:
+            finish_reason = "stop"
+        state.output = CompletionOutput(
+            index=state.index,
+            text=state.detokenizer.output_text,
+            token_ids=list(request.output_token_ids),
+            cumulative_logprob=state.cumulative_logprob if state.logprobs is not None else None,
+            logprobs=state.logprobs,
+            finish_reason=finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        parent.num_cached_tokens = max(parent.num_cached_tokens, request.num_cached_tokens)
+        if parent.metrics.first_token_time is None:
+            parent.metrics.first_token_time = request.first_token_time
+            parent.metrics.first_scheduled_time = request.first_scheduled_time
+        if finish_reason is not None:
+            parent.finished_children.add(request.request_id)
+
+    def _assemble(self, parent: _ParentState) -> RequestOutput:
+        finished = len(parent.finished_children) == len(parent.children)
+        outputs = [
+            child.output or CompletionOutput(index=child.index, text="", token_ids=[])
+            for child in parent.children.values()
+        ]
+        if finished:
+            parent.metrics.finished_time = time.monotonic()
+            self._forget(parent)
+        return RequestOutput(
+            request_id=parent.request_id,
+            prompt=parent.prompt,
+            prompt_token_ids=parent.prompt_token_ids,
+            outputs=outputs,
+            finished=finished,
+            num_cached_tokens=parent.num_cached_tokens,
+            metrics=parent.metrics,
+        )
+
+    def _forget(self, parent: _ParentState) -> None:
+        del self._parents[parent.request_id]
+        for child_id in parent.children:
+            del self._parent_of[child_id]
+
+    def _child(self, child_id: str) -> _ChildState:
+        return self._parents[self._parent_of[child_id]].children[child_id]
+
+    def _add_logprobs(self, state: _ChildState, token: TokenLogprobs) -> None:
+        assert state.logprobs is not None
+        entry = {
+            token_id: Logprob(logprob, rank, self._decode(token_id))
+            for rank, (token_id, logprob) in enumerate(
+                zip(token.top_token_ids, token.top_logprobs, strict=True), start=1
+            )
+        }
+        entry.setdefault(token.token_id, Logprob(token.logprob, token.rank, None))
+        if entry[token.token_id].decoded_token is None:
+            entry[token.token_id] = Logprob(token.logprob, token.rank, self._decode(token.token_id))
+        state.logprobs.append(entry)
+        state.cumulative_logprob += token.logprob
+
+    def _decode(self, token_id: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return str(self.tokenizer.decode([token_id]))  # type: ignore[attr-defined]

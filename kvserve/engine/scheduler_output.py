@@ -1,0 +1,91 @@
+"""The only things the scheduler and the model runner say to each other.
+
+The scheduler fills a `SchedulerOutput` with plain Python (ids, counts, block tables); the
+model runner turns it into tensors, runs the model and answers with a `ModelRunnerOutput`.
+Neither side reaches into the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from kvserve.sampling_params import SamplingParams
+
+
+@dataclass
+class ScheduledRequest:
+    """One request's share of a step.
+
+    The step computes K/V for `token_ids`, which sit at positions
+    [num_computed_tokens, num_computed_tokens + len(token_ids)) of the request:
+
+        all tokens:  [ t0 t1 ... | tc ... tc+k-1 | ... ]
+                     0    num_computed_tokens    +k = seq_len after the step
+
+    `sample` is True when the last of those tokens is the request's last known token, so
+    its logits give the next token (a decode step, or the last chunk of a prefill).
+    """
+
+    request_id: str
+    token_ids: list[int]
+    num_computed_tokens: int
+    block_ids: list[int]
+    sample: bool
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int]
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def seq_len(self) -> int:
+        return self.num_computed_tokens + len(self.token_ids)
+
+
+@dataclass
+class SchedulerOutput:
+    """Everything the model runner needs for one step.
+
+    `scheduled` lists decode requests (one new token each) before prefill chunks, so the runner
+    can batch the decodes. `block_copies` are (src, dst) block ids to copy before the forward
+    (copy-on-write of a shared block).
+    """
+
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class TokenLogprobs(NamedTuple):
+    """Log-probabilities of the raw model output at one position.
+
+    `logprob` and `rank` (1 = most likely) are the sampled token's; `top_token_ids` and
+    `top_logprobs` are the k most likely tokens, best first.
+    """
+
+    token_id: int
+    logprob: float
+    rank: int
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+
+
+@dataclass
+class ModelRunnerOutput:
+    """One new token for every scheduled request whose `sample` was True, in schedule order."""
+
+    request_ids: list[str] = field(default_factory=list)
+    sampled_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs | None] = field(default_factory=list)

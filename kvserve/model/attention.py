@@ -1,0 +1,207 @@
+"""Paged attention in plain torch: write the new K/V into the block cache, attend with SDPA.
+
+Cache layout (DESIGN.md §3), per layer: K and V of shape
+(num_blocks, block_size, num_kv_heads, head_dim). Token t of a sequence sits in slot
+`block_table[t // block_size] * block_size + t % block_size`. The cache keeps
+`num_kv_heads` heads; SDPA's `enable_gqa` shares them among the query heads, nothing repeats them.
+
+The flat batch holds the decode seqs first (one token each), then prefill chunks:
+
+    rows:  [ d0 d1 .. d(nd-1) | p0 p0 p0 | p1 p1 .. p1 ]
+             num_decodes        query_start_loc[i] .. query_start_loc[i+1]
+
+A chunk of q_len tokens of a seq whose context after the step is seq_len holds positions
+[seq_len - q_len, seq_len); query row r (position p = seq_len - q_len + r) sees the keys
+j with p - sliding_window < j <= p (the causal mask aligned to the bottom right).
+
+Masked-out slots (block padding, stale blocks out of the window) still meet a zero weight in
+SDPA, and 0 * NaN is NaN: the caches must hold finite values, so allocate them with zeros.
+
+Everything derived from the metadata (masks, block indices) is built once per step by
+`plan_attention` and shared by every layer with the same sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+KVCache = tuple[Tensor, Tensor]
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step batch layout, built by the model runner once per step from Python lists."""
+
+    query_start_loc: list[int]  # num_seqs + 1 cumulative query lengths
+    seq_lens: list[int]  # per seq: context length after this step
+    num_decodes: int  # seqs [0, num_decodes) have query length 1 and come first
+    slot_mapping: Tensor | None  # (num_tokens,) int64 cache slot of each new token
+    block_tables: Tensor | None  # (num_seqs, max_blocks_per_seq) int64, padded with 0
+    block_size: int
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens)
+
+
+class DecodePlan(NamedTuple):
+    """The decode seqs, attended in one batched SDPA call over their padded contexts."""
+
+    num_decodes: int
+    block_ids: Tensor  # (num_decodes, max_blocks): blocks of the longest context
+    mask: Tensor  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
+
+
+class SeqPlan(NamedTuple):
+    """One seq attended alone: a prefill chunk, or any seq when there is no cache."""
+
+    start: int  # rows [start, end) of the flat batch
+    end: int
+    seq_len: int
+    block_ids: Tensor | None  # (ceil(seq_len / block_size),) None without a cache
+    mask: Tensor | None  # (q_len, seq_len) bool, True = attend; None = plain causal
+
+
+class AttentionPlan(NamedTuple):
+    """What every layer with one sliding window needs for this step."""
+
+    slot_mapping: Tensor | None  # (num_tokens,) None without a cache
+    decode: DecodePlan | None
+    seqs: list[SeqPlan]
+
+
+def plan_attention(
+    md: AttentionMetadata, sliding_window: int | None, cached: bool, device: torch.device
+) -> AttentionPlan:
+    """Turn the step's metadata into masks and block indices, once for all layers.
+
+    Without a cache (`cached` False) every seq attends causally among its new tokens only.
+    """
+    if not cached:
+        seqs = [_plan_seq(md, i, sliding_window, False, device) for i in range(md.num_seqs)]
+        return AttentionPlan(None, None, seqs)
+    decode = _plan_decodes(md, sliding_window, device) if md.num_decodes else None
+    seqs = [
+        _plan_seq(md, i, sliding_window, True, device) for i in range(md.num_decodes, md.num_seqs)
+    ]
+    return AttentionPlan(md.slot_mapping, decode, seqs)
+
+
+def _plan_decodes(md: AttentionMetadata, window: int | None, device: torch.device) -> DecodePlan:
+    assert md.block_tables is not None, "a cached step needs block_tables"
+    n = md.num_decodes
+    max_blocks = -(-max(md.seq_lens[:n]) // md.block_size)
+    seq_lens = torch.tensor(md.seq_lens[:n], device=device).unsqueeze(1)  # (n, 1)
+    key_pos = torch.arange(max_blocks * md.block_size, device=device)  # (max_keys,)
+    mask = key_pos < seq_lens  # (n, max_keys)
+    if window is not None:
+        mask &= key_pos >= seq_lens - window  # (n, max_keys)
+    block_ids = md.block_tables[:n, :max_blocks]  # (n, max_blocks)
+    return DecodePlan(n, block_ids, mask.view(n, 1, 1, -1))
+
+
+def _plan_seq(
+    md: AttentionMetadata, i: int, window: int | None, cached: bool, device: torch.device
+) -> SeqPlan:
+    start, end = md.query_start_loc[i], md.query_start_loc[i + 1]
+    seq_len = md.seq_lens[i] if cached else end - start
+    block_ids = None
+    if cached:
+        assert md.block_tables is not None, "a cached step needs block_tables"
+        block_ids = md.block_tables[i, : -(-seq_len // md.block_size)]  # (num_blocks,)
+    q_len = end - start
+    mask = None
+    if window is not None or q_len != seq_len:
+        mask = causal_mask(q_len, seq_len, window, device)  # (q_len, seq_len)
+    return SeqPlan(start, end, seq_len, block_ids, mask)
+
+
+def causal_mask(q_len: int, k_len: int, window: int | None, device: torch.device) -> Tensor:
+    """Bottom-right aligned causal mask: query r sits at position k_len - q_len + r."""
+    q_pos = torch.arange(k_len - q_len, k_len, device=device).unsqueeze(1)  # (q_len, 1)
+    k_pos = torch.arange(k_len, device=device)  # (k_len,)
+    mask = k_pos <= q_pos  # (q_len, k_len)
+    if window is not None:
+        mask &= k_pos > q_pos - window  # (q_len, k_len)
+    return mask
+
+
+def write_kv(k: Tensor, v: Tensor, kv_cache: KVCache, slot_mapping: Tensor) -> None:
+    """Store the new tokens' K/V (num_tokens, num_kv_heads, head_dim) at their slots."""
+    k_cache, v_cache = kv_cache
+    k_slots = k_cache.view(-1, *k_cache.shape[2:])  # (num_blocks * block_size, kv_heads, hd)
+    v_slots = v_cache.view(-1, *v_cache.shape[2:])  # (num_blocks * block_size, kv_heads, hd)
+    k_slots.index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_slots.index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+
+
+def paged_attention(
+    q: Tensor, k: Tensor, v: Tensor, kv_cache: KVCache | None, plan: AttentionPlan, scale: float
+) -> Tensor:
+    """Attention of one layer for the whole flat batch.
+
+    Args:
+        q: (num_tokens, num_heads, head_dim) queries, RoPE applied.
+        k, v: (num_tokens, num_kv_heads, head_dim) the new tokens' keys and values.
+        kv_cache: this layer's (k_cache, v_cache), or None to attend among new tokens only.
+        plan: from `plan_attention` for this layer's sliding window.
+        scale: softmax scale, usually head_dim ** -0.5.
+
+    Returns:
+        (num_tokens, num_heads, head_dim) attention output, rows in batch order.
+    """
+    if kv_cache is not None:
+        assert plan.slot_mapping is not None, "a cached step needs slot_mapping"
+        write_kv(k, v, kv_cache, plan.slot_mapping)
+    outputs = []
+    if plan.decode is not None:
+        assert kv_cache is not None, "decode seqs need a cache"
+        outputs.append(
+            _decode_attention(q[: plan.decode.num_decodes], kv_cache, plan.decode, scale)
+        )
+    for seq in plan.seqs:
+        if kv_cache is None:
+            keys, values = k[seq.start : seq.end], v[seq.start : seq.end]  # (q_len, kv_heads, hd)
+        else:
+            keys = _gather(kv_cache[0], seq, q.dtype)  # (seq_len, kv_heads, head_dim)
+            values = _gather(kv_cache[1], seq, q.dtype)  # (seq_len, kv_heads, head_dim)
+        outputs.append(_seq_attention(q[seq.start : seq.end], keys, values, seq.mask, scale))
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)  # (num_tokens, heads, hd)
+
+
+def _gather(cache: Tensor, seq: SeqPlan, dtype: torch.dtype) -> Tensor:
+    blocks = cache[seq.block_ids].to(dtype)  # (num_blocks, block_size, kv_heads, head_dim)
+    return blocks.view(-1, *cache.shape[2:])[: seq.seq_len]  # (seq_len, kv_heads, head_dim)
+
+
+def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),  # (1, num_heads, q_len, head_dim)
+        k.transpose(0, 1).unsqueeze(0),  # (1, num_kv_heads, seq_len, head_dim)
+        v.transpose(0, 1).unsqueeze(0),  # (1, num_kv_heads, seq_len, head_dim)
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=True,
+    )  # (1, num_heads, q_len, head_dim)
+    return out[0].transpose(0, 1)  # (q_len, num_heads, head_dim)
+
+
+def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
+    n = plan.num_decodes
+    k = kv_cache[0][plan.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
+    v = kv_cache[1][plan.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2),  # (n, num_heads, 1, head_dim)
+        k.view(n, -1, *k.shape[3:]).transpose(1, 2),  # (n, kv_heads, max_keys, head_dim)
+        v.view(n, -1, *v.shape[3:]).transpose(1, 2),  # (n, kv_heads, max_keys, head_dim)
+        attn_mask=plan.mask,
+        scale=scale,
+        enable_gqa=True,
+    )  # (n, num_heads, 1, head_dim)
+    return out.squeeze(2)  # (n, num_heads, head_dim)

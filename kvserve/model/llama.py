@@ -1,0 +1,129 @@
+"""Llama family: Llama (SmolLM2, TinyLlama), Mistral (sliding window), Qwen2 (q/k/v bias).
+
+Names mirror transformers' `LlamaForCausalLM`, except that q/k/v are fused into `qkv_proj`
+and gate/up into `gate_up_proj` (the loader stacks the HF tensors, see loader.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
+from kvserve.model.config import ModelConfig
+from kvserve.model.layers import (
+    CausalLM,
+    MergedLinear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rope,
+    get_activation,
+)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.qkv_proj = MergedLinear(
+            config.hidden_size, [q_size, kv_size, kv_size], bias=config.attention_bias
+        )
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.o_proj_bias)
+        self.scale = self.head_dim**-0.5
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        kv_cache: KVCache | None,
+        plan: AttentionPlan,
+    ) -> Tensor:
+        num_tokens = x.shape[0]
+        qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, heads + 2 kv, hd)
+        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # (T, h + kv, hd)
+        q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)  # (T, h|kv, hd)
+        v = qkv[:, self.num_heads + self.num_kv_heads :]  # (T, num_kv_heads, head_dim)
+        out = paged_attention(q, k, v, kv_cache, plan, self.scale)  # (T, num_heads, head_dim)
+        hidden: Tensor = self.o_proj(out.reshape(num_tokens, -1))  # (T, hidden)
+        return hidden
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.act = get_activation(config.hidden_act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, intermediate) x2
+        out: Tensor = self.down_proj(self.act(gate) * up)  # (T, hidden)
+        return out
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = LlamaAttention(config)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        kv_cache: KVCache | None,
+        plan: AttentionPlan,
+    ) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, plan)  # (T, hidden)
+        out: Tensor = x + self.mlp(self.post_attention_layernorm(x))  # (T, hidden)
+        return out
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama, Mistral and Qwen2: their differences are all in `ModelConfig`."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        positions: Tensor,
+        attn_metadata: AttentionMetadata,
+        kv_caches: list[KVCache] | None,
+    ) -> Tensor:
+        plans = self.plan_layers(attn_metadata, kv_caches is not None, input_ids.device)
+        rope = self.model.rotary_emb(positions)  # cos, sin: (T, 1, head_dim // 2) x2
+        x = self.model.embed_tokens(input_ids)  # (num_tokens, hidden)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, rope, None if kv_caches is None else kv_caches[i], plans[i])  # (T, hid)
+        hidden: Tensor = self.model.norm(x)  # (num_tokens, hidden)
+        return hidden
+
+    def output_embedding(self) -> Tensor:
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        return head.weight  # (vocab, hidden)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -106,6 +107,8 @@ def test_throughput_and_request_latencies() -> None:
 def test_median_runs_and_agreeing_prefix() -> None:
     runs = [{"output_throughput": v} for v in (3.0, 1.0, 2.0)]
     assert wl.median_runs(runs) == {"output_throughput": 2.0, "num_iters": 3, "iterations": runs}
+    counts = wl.median_runs([{"num_requests": 4}, {"num_requests": 4}])
+    assert counts["num_requests"] == 4 and isinstance(counts["num_requests"], int)
     assert wl.agreeing_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert wl.agreeing_prefix([1, 2], [1, 2, 3]) == 2
 
@@ -124,3 +127,10 @@ def test_load_monitor_samples() -> None:
     sample = wl.LoadMonitor().sample(seconds=0.05)
     assert sample.loadavg_1m >= 0.0 and sample.own_load_1m >= 0.0
     assert sample.other_busy_cores is None or sample.other_busy_cores >= 0.0
+
+
+def test_wait_idle_gives_up_after_its_budget() -> None:
+    start = time.monotonic()
+    sample = wl.LoadMonitor().wait_idle(max_wait_s=0.0, seconds=0.01)
+    assert isinstance(sample, wl.LoadSample)
+    assert time.monotonic() - start < 5.0

@@ -72,7 +72,16 @@ def sampling_params_from_args(args: argparse.Namespace) -> SamplingParams:
 def _base_type(annotation: Any) -> Callable[[str], Any]:
     if get_origin(annotation) in (Union, types.UnionType):
         annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is tuple:
+        return _int_tuple
     return annotation  # type: ignore[no-any-return]
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from error
 
 
 # ---- subcommands -------------------------------------------------------------------------

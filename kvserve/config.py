@@ -56,6 +56,14 @@ class EngineConfig:
     num_threads: int | None = field(
         default=None, metadata={"help": "torch CPU threads (default: torch's choice)"}
     )
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile decode steps per batch-size bucket (slow start-up)"},
+    )
+    compile_sizes: tuple[int, ...] = field(
+        default=(1, 2, 4, 8, 16, 32, 64),
+        metadata={"help": "decode batch-size buckets to compile, comma-separated"},
+    )
 
     def __post_init__(self) -> None:
         _require_power_of_two("block_size", self.block_size)
@@ -69,6 +77,13 @@ class EngineConfig:
         _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _require_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         _require_choice("dtype", self.dtype, DTYPES)
+        object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))
+        if not self.compile_sizes or any(
+            not isinstance(size, int) or size <= 0 for size in self.compile_sizes
+        ):
+            raise ValueError(
+                f"compile_sizes: must be positive integers, got {self.compile_sizes!r}"
+            )
         if not isinstance(self.seed, int):
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):

@@ -115,13 +115,16 @@ class LLM:
 def _as_prompt_list(prompts: PromptInput | Sequence[PromptInput]) -> list[PromptInput]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
-    prompt_list = list(prompts)
-    if prompt_list and all(isinstance(p, int) for p in prompt_list):
-        raise ValueError(
-            "prompts: a flat list of ints is ambiguous; use {'prompt_token_ids': [...]}"
-        )
-    if not prompt_list:
+    items = list(prompts)
+    if not items:
         raise ValueError("prompts: must contain at least one prompt")
+    prompt_list: list[PromptInput] = []
+    for item in items:
+        if isinstance(item, int):
+            raise ValueError(
+                "prompts: a flat list of ints is ambiguous; use {'prompt_token_ids': [...]}"
+            )
+        prompt_list.append(item)
     return prompt_list
 
 

@@ -19,7 +19,7 @@ from kvserve.bench.workloads import DecodeTiming, decode_timing, left_pad
 
 def load_hf_model(model_path: str) -> Any:
     """transformers' own model class on the engine's resolved HF folder, fp32, eval mode."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     return model
 
@@ -35,7 +35,7 @@ def pad_token_id(model: Any) -> int:
     return 0
 
 
-class _TokenTimer(BaseStreamer):  # type: ignore[misc]
+class _TokenTimer(BaseStreamer):
     """Records when each new token comes out of `generate` (batch 1 only)."""
 
     def __init__(self) -> None:

@@ -60,6 +60,7 @@ def add_subcommands(
     for parser in (lat, thr):
         parser.add_argument("--compare-transformers", action="store_true")
         parser.add_argument("--output-json", default=None, help="write the run's JSON record")
+        parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
         add_engine_args(parser)
 
 
@@ -98,7 +99,7 @@ class _Bench:
         return wl.random_prompts(lengths, self.vocab_size, f"{key}:{self.seed}", self.exclude)
 
     def check_load(self, when: str) -> None:
-        sample = self.monitor.sample()
+        sample = self.monitor.wait_idle(self.args.wait_idle)
         self.load_samples.append({"when": when, **sample._asdict()})
         if sample.warning:
             message = f"WARNING: {sample.warning} (before {when}); timings may be distorted"

@@ -15,6 +15,15 @@ NO_CACHE_SERIES: tuple[tuple[str, str, str], ...] = (
     ("transformers_cache_tok_s", "transformers, KV cache", "s-"),
     ("transformers_no_cache_tok_s", "transformers, use_cache=False", "s--"),
 )
+# Short column titles of the no-cache table (tok/s, and cache / no-cache speedups).
+NO_CACHE_COLUMNS: dict[str, str] = {
+    "kvserve_cache_tok_s": "kvserve cache",
+    "kvserve_no_cache_tok_s": "kvserve none",
+    "kvserve_cache_speedup": "speedup",
+    "transformers_cache_tok_s": "HF cache",
+    "transformers_no_cache_tok_s": "HF use_cache=False",
+    "transformers_cache_speedup": "speedup",
+}
 
 
 def plot_no_cache(rows: Sequence[Mapping[str, float]], path: str, title: str) -> None:
@@ -62,8 +71,9 @@ def print_no_cache(args: argparse.Namespace, rows: list[Record]) -> None:
         f"\nno-cache baseline: decode tok/s over {args.no_cache_output_len} output tokens, "
         f"{args.no_cache_iters} iteration(s) (medians)"
     )
-    keys = [k for k in rows[0] if k != "prompt_len"]
-    print_table(["prompt len", *keys], [[r["prompt_len"], *(r[k] for k in keys)] for r in rows])
+    keys = [k for k in NO_CACHE_COLUMNS if k in rows[0]]
+    header = ["prompt len", *(NO_CACHE_COLUMNS[k] for k in keys)]
+    print_table(header, [[r["prompt_len"], *(r[k] for k in keys)] for r in rows])
 
 
 def print_throughput(args: argparse.Namespace, results: Record) -> None:

@@ -192,8 +192,15 @@ def request_times(outputs: Sequence[Any]) -> list[RequestTimes]:
 
 def median_runs(runs: Sequence[dict[str, float]]) -> dict[str, Any]:
     """The median of every metric over iterations, plus the iterations themselves."""
-    medians = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    medians = {key: _median([run[key] for run in runs]) for key in runs[0]}
     return {**medians, "num_iters": len(runs), "iterations": list(runs)}
+
+
+def _median(values: list[float]) -> float:
+    """The median; of counts (ints), the lower middle value, so it stays a count."""
+    if all(isinstance(v, int) for v in values):
+        return statistics.median_low(values)
+    return statistics.median(values)
 
 
 def agreeing_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -247,6 +254,15 @@ class LoadMonitor:
         loadavg = os.getloadavg()[0]
         own = self._own_load(wall_after, own_after)
         return LoadSample(loadavg, own, other, _load_warning(loadavg, own, other))
+
+    def wait_idle(self, max_wait_s: float, seconds: float = 1.0) -> LoadSample:
+        """Sample until the machine looks idle or `max_wait_s` has passed; the last sample."""
+        deadline = time.monotonic() + max_wait_s
+        sample = self.sample(seconds)
+        while sample.warning is not None and time.monotonic() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.monotonic())))
+            sample = self.sample(seconds)
+        return sample
 
     def _own_load(self, now: float, cpu_now: float) -> float:
         """Our CPU seconds over the last minute / 60; the process is assumed to have started

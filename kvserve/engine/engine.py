@@ -47,6 +47,8 @@ class Engine:
         self.model_runner.initialize_kv_cache(
             num_blocks, self.config.block_size, self.config.kv_cache_dtype
         )
+        if self.config.compile:
+            self.model_runner.compile_decode(self.config.compile_sizes)
         self.kv_cache_manager = KVCacheManager(
             num_blocks,
             self.config.block_size,

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from kvserve.engine.compiled_decode import CompiledDecode
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks, resolve_kv_dtype
@@ -39,6 +40,7 @@ class ModelRunner:
         self.sampler = Sampler(seed=seed, device=self.device)
         self.kv_caches: KVCaches | None = None
         self.block_size = 0
+        self.compiled: CompiledDecode | None = None
 
     def initialize_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> None:
         """Allocate the whole KV pool once; `num_blocks == 0` runs without a cache."""
@@ -58,6 +60,14 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
+    def compile_decode(self, sizes: tuple[int, ...]) -> None:
+        """Compile decode steps for these batch sizes now (see compiled_decode.py)."""
+        if self.kv_caches is None:
+            raise ValueError("compile: needs a KV cache (cache_mode paged or contiguous)")
+        self.compiled = CompiledDecode(self.model, sizes)
+        self.compiled.warmup(self.kv_caches, self.block_size, self.device)
+
+    @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         """Run one step: copy-on-write copies, forward, logits of sampled rows, sampling."""
         if self.kv_caches is not None:
@@ -66,19 +76,29 @@ class ModelRunner:
         if not scheduled:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(scheduled)
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
-        )  # (num_tokens, hidden)
         sampled = [r for r in scheduled if r.sample]
+        logits = self._logits(inputs, is_decode=len(sampled) == len(inputs.input_ids))
         if not sampled:
             return ModelRunnerOutput()
-        logits = self.model.compute_logits(hidden[inputs.logits_indices])  # (num_sampled, vocab)
         result = self.sampler(logits, sampled)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in sampled],
             sampled_token_ids=result.token_ids,
             logprobs=result.logprobs,
         )
+
+    def _logits(self, inputs: StepInputs, is_decode: bool) -> torch.Tensor:
+        """(num_sampled, vocab) logits: compiled when the step is all decodes and fits."""
+        compiled = self.compiled
+        if is_decode and compiled is not None and compiled.bucket_for(len(inputs.input_ids)):
+            assert self.kv_caches is not None
+            return compiled.run(
+                inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+            )  # (num_decodes, vocab)
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+        )  # (num_tokens, hidden)
+        return self.model.compute_logits(hidden[inputs.logits_indices])  # (num_sampled, vocab)
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         """Build every per-step tensor once, from Python lists."""

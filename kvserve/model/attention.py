@@ -23,6 +23,8 @@ Everything derived from the metadata (masks, block indices) is built once per st
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -205,3 +207,62 @@ def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: flo
         enable_gqa=True,
     )  # (n, num_heads, 1, head_dim)
     return out.squeeze(2)  # (n, num_heads, head_dim)
+
+
+# ---- torch.compile: attention as one opaque op --------------------------------------------
+
+
+class AttentionStep(NamedTuple):
+    """One forward's per-layer plans and caches, for the opaque op below."""
+
+    plans: list[AttentionPlan]
+    kv_caches: list[KVCache] | None
+
+
+_ACTIVE_STEPS: list[AttentionStep] = []
+
+
+@contextmanager
+def attention_step(plans: list[AttentionPlan], kv_caches: list[KVCache] | None) -> Iterator[None]:
+    """Make one forward's plans and caches visible to `kvserve::attention`.
+
+    A compiled graph must not see the step's variable-shape metadata (every new shape would
+    recompile it) nor the cache tensors (functionalization may copy mutated inputs), so a
+    compiled forward calls the opaque op with only (q, k, v, layer_idx, scale) and the op finds
+    the rest here. Only the model runner enters this, around exactly one forward; eager
+    forwards pass plans and caches explicitly and never read it.
+    """
+    _ACTIVE_STEPS.append(AttentionStep(plans, kv_caches))
+    try:
+        yield
+    finally:
+        _ACTIVE_STEPS.pop()
+
+
+@torch.library.custom_op("kvserve::attention", mutates_args=())
+def _attention_op(q: Tensor, k: Tensor, v: Tensor, layer_idx: int, scale: float) -> Tensor:
+    step = _ACTIVE_STEPS[-1]
+    kv_cache = None if step.kv_caches is None else step.kv_caches[layer_idx]
+    out = paged_attention(q, k, v, kv_cache, step.plans[layer_idx], scale)  # (T, heads, hd)
+    return out.contiguous()
+
+
+@_attention_op.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor, layer_idx: int, scale: float) -> Tensor:
+    return torch.empty_like(q, memory_format=torch.contiguous_format)  # (T, heads, hd)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kv_cache: KVCache | None,
+    plan: AttentionPlan | None,
+    scale: float,
+    layer_idx: int,
+) -> Tensor:
+    """A layer's attention: explicit plan (eager), or `plan=None` inside `attention_step`."""
+    if plan is None:
+        out: Tensor = _attention_op(q, k, v, layer_idx, scale)  # (T, num_heads, head_dim)
+        return out
+    return paged_attention(q, k, v, kv_cache, plan, scale)  # (T, num_heads, head_dim)

@@ -41,10 +41,15 @@ class CausalLM(nn.Module):
         self,
         input_ids: Tensor,
         positions: Tensor,
-        attn_metadata: AttentionMetadata,
+        attn_metadata: AttentionMetadata | None,
         kv_caches: list[KVCache] | None,
     ) -> Tensor:
-        """(num_tokens,) ids and positions of the flat batch -> (num_tokens, hidden)."""
+        """(num_tokens,) ids and positions of the flat batch -> (num_tokens, hidden).
+
+        `attn_metadata=None` (with `kv_caches=None`) is the compiled form: every layer calls
+        the opaque `kvserve::attention` op, which reads plans and caches from the enclosing
+        `attention_step` (see attention.py).
+        """
         raise NotImplementedError
 
     def output_embedding(self) -> Tensor:
@@ -56,10 +61,16 @@ class CausalLM(nn.Module):
         return F.linear(hidden_states, self.output_embedding()).float()  # (n, vocab)
 
     def plan_layers(
-        self, md: AttentionMetadata, cached: bool, device: torch.device
-    ) -> list[AttentionPlan]:
-        """One attention plan per layer, built once per distinct sliding window."""
+        self, md: AttentionMetadata | None, cached: bool, device: torch.device
+    ) -> list[AttentionPlan | None]:
+        """One attention plan per layer, built once per distinct sliding window.
+
+        Without metadata (the compiled form) every layer gets None: the plans travel through
+        `attention_step` instead.
+        """
         windows = self.config.layer_sliding_windows
+        if md is None:
+            return [None] * len(windows)
         plans = {w: plan_attention(md, w, cached, device) for w in set(windows)}
         return [plans[w] for w in windows]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, paged_attention
+from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, attention
 from kvserve.model.config import ModelConfig
 from kvserve.model.layers import (
     CausalLM,
@@ -22,8 +22,9 @@ from kvserve.model.layers import (
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -39,14 +40,14 @@ class LlamaAttention(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         kv_cache: KVCache | None,
-        plan: AttentionPlan,
+        plan: AttentionPlan | None,
     ) -> Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, heads + 2 kv, hd)
         qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # (T, h + kv, hd)
         q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)  # (T, h|kv, hd)
         v = qkv[:, self.num_heads + self.num_kv_heads :]  # (T, num_kv_heads, head_dim)
-        out = paged_attention(q, k, v, kv_cache, plan, self.scale)  # (T, num_heads, head_dim)
+        out = attention(q, k, v, kv_cache, plan, self.scale, self.layer_idx)  # (T, heads, hd)
         hidden: Tensor = self.o_proj(out.reshape(num_tokens, -1))  # (T, hidden)
         return hidden
 
@@ -66,9 +67,9 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(config)
+        self.self_attn = LlamaAttention(config, layer_idx)
         self.mlp = LlamaMLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -78,7 +79,7 @@ class LlamaDecoderLayer(nn.Module):
         x: Tensor,
         rope: tuple[Tensor, Tensor],
         kv_cache: KVCache | None,
-        plan: AttentionPlan,
+        plan: AttentionPlan | None,
     ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, plan)  # (T, hidden)
         out: Tensor = x + self.mlp(self.post_attention_layernorm(x))  # (T, hidden)
@@ -90,7 +91,7 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config) for _ in range(config.num_hidden_layers)
+            LlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
@@ -113,7 +114,7 @@ class LlamaForCausalLM(CausalLM):
         self,
         input_ids: Tensor,
         positions: Tensor,
-        attn_metadata: AttentionMetadata,
+        attn_metadata: AttentionMetadata | None,
         kv_caches: list[KVCache] | None,
     ) -> Tensor:
         plans = self.plan_layers(attn_metadata, kv_caches is not None, input_ids.device)

@@ -1,0 +1,114 @@
+"""Decode steps through torch.compile: model + LM head as one graph per batch-size bucket.
+
+On these CPUs the matmul backend decides decode speed (DESIGN.md §9): inductor's C++ GEMM on
+frozen, prepacked weights streams them far faster than MKL does for a few rows. The graph
+sees only a padded decode batch's (input_ids, positions); attention is the opaque
+`kvserve::attention` op, which finds the step's plans and caches through `attention_step`, so
+no variable-shape metadata enters the graph and nothing recompiles once a bucket is built.
+
+    5 decode rows, buckets (1, 2, 4, 8, ...):
+    bucket 8:  [ r0 r1 r2 r3 r4 | p  p  p ]   padding rows: token 0 at position 0, written to
+                                              slot 0 (the null block), attending to it alone;
+                                              their logits are dropped
+
+Prefill chunks and batches above the largest bucket run eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from kvserve.kv.kv_cache import KVCaches
+from kvserve.model.attention import AttentionMetadata, attention_step
+from kvserve.model.layers import CausalLM
+
+logger = logging.getLogger("kvserve")
+
+# Inductor's own C++ GEMM over frozen (constant, prepacked) weights, picked by autotuning.
+INDUCTOR_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "max_autotune": True,
+    "freezing": True,
+    "cpp.weight_prepack": True,
+}
+
+
+class CompiledDecode:
+    """Compiled decode forward for a fixed set of padded batch sizes."""
+
+    def __init__(self, model: CausalLM, sizes: tuple[int, ...]) -> None:
+        self.model = model
+        self.sizes = tuple(sorted(sizes))
+        dynamo_config: Any = torch._dynamo.config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(sizes) + 2)
+        self._forward = torch.compile(self._logits, dynamic=False, options=INDUCTOR_OPTIONS)
+
+    def _logits(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids, positions, None, None)  # (bucket, hidden)
+        return self.model.compute_logits(hidden)  # (bucket, vocab)
+
+    def bucket_for(self, num_rows: int) -> int | None:
+        """The smallest compiled size that holds num_rows, or None when none does."""
+        return next((size for size in self.sizes if size >= num_rows), None)
+
+    def run(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        md: AttentionMetadata,
+        kv_caches: KVCaches,
+        bucket: int | None = None,
+    ) -> torch.Tensor:
+        """Logits (num_rows, vocab) of a decode-only step, padded to `bucket` (default: the
+        smallest that fits; the caller checks `bucket_for` first)."""
+        num_rows = input_ids.shape[0]
+        bucket = bucket or self.bucket_for(num_rows)
+        assert bucket is not None and bucket >= num_rows
+        padded = _pad_metadata(md, bucket - num_rows)
+        plans = self.model.plan_layers(padded, True, input_ids.device)
+        zeros = torch.zeros(bucket - num_rows, dtype=torch.long, device=input_ids.device)
+        with attention_step(plans, kv_caches):  # type: ignore[arg-type]
+            logits = self._forward(torch.cat([input_ids, zeros]), torch.cat([positions, zeros]))
+        return logits[:num_rows]  # (num_rows, vocab)
+
+    def warmup(self, kv_caches: KVCaches, block_size: int, device: torch.device) -> None:
+        """Compile every bucket now (about a minute each), so no request waits for one."""
+        empty = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
+        md = AttentionMetadata(
+            query_start_loc=[0],
+            seq_lens=[],
+            num_decodes=0,
+            slot_mapping=empty,
+            block_tables=torch.zeros((0, 1), dtype=torch.long, device=device),  # (0, 1)
+            block_size=block_size,
+        )
+        for size in self.sizes:
+            start = time.perf_counter()
+            self.run(empty, empty, md, kv_caches, bucket=size)
+            logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
+
+
+def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:
+    """Append `pad` one-token decode rows that live in slot 0 of the null block."""
+    if pad == 0:
+        return md
+    assert md.slot_mapping is not None and md.block_tables is not None
+    device = md.slot_mapping.device
+    num_rows = len(md.seq_lens)
+    width = md.block_tables.shape[1]
+    return AttentionMetadata(
+        query_start_loc=list(range(num_rows + pad + 1)),
+        seq_lens=md.seq_lens + [1] * pad,
+        num_decodes=num_rows + pad,
+        slot_mapping=torch.cat(
+            [md.slot_mapping, torch.zeros(pad, dtype=torch.long, device=device)]
+        ),  # (bucket,)
+        block_tables=torch.cat(
+            [md.block_tables, torch.zeros((pad, width), dtype=torch.long, device=device)]
+        ),  # (bucket, max_blocks)
+        block_size=md.block_size,
+    )

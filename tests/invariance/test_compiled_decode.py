@@ -1,0 +1,30 @@
+"""torch.compile'd decode steps give the same tokens as eager ones (padding rows included)."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.sampling_params import SamplingParams
+from tests.helpers import make_engine, random_prompts, run_engine, token_ids
+
+pytestmark = pytest.mark.slow  # compiling takes tens of seconds per bucket
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_compiled_decode_equals_eager(tiny_checkpoints: dict[str, str], name: str) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    eager = make_engine(tiny_checkpoints[name])
+    prompts = random_prompts(eager.model_config.vocab_size, [5, 17, 9], seed=11)
+    expected = run_engine(eager, prompts, params)
+    compiled = make_engine(tiny_checkpoints[name], compile=True, compile_sizes=(1, 4))
+    assert compiled.model_runner.compiled is not None
+    outputs = run_engine(compiled, prompts, params)  # 3 decodes pad to bucket 4
+    assert token_ids(outputs) == token_ids(expected)
+    for out, ref in zip(outputs, expected, strict=True):
+        for got, want in zip(
+            out.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True
+        ):
+            for token_id, logprob in want.items():
+                assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+    alone = run_engine(compiled, prompts[:1], params)  # bucket 1, no padding
+    assert token_ids(alone) == token_ids(expected)[:1]

@@ -9,8 +9,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from kvserve.config import EngineConfig
+from kvserve.engine.beam_search import BeamSearch, BeamSearchOutput
 from kvserve.engine.engine import Engine, PromptInput
-from kvserve.outputs import RequestOutput
+from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import apply_chat_template
 
@@ -77,6 +78,36 @@ class LLM:
         token_ids = apply_chat_template(self.tokenizer, messages, add_generation_prompt)
         return {"prompt_token_ids": token_ids}
 
+    def beam_search(
+        self,
+        prompts: PromptInput | Sequence[PromptInput],
+        beam_width: int,
+        max_tokens: int,
+        *,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search (transformers' `num_beams`, `do_sample=False`) for every prompt.
+
+        Beams share KV blocks and fork without copying; see `kvserve.engine.beam_search`.
+        Returns, per prompt in input order, the `beam_width` best hypotheses, best first.
+        Needs an idle engine (no other requests in flight).
+        """
+        prompt_list = _as_prompt_list(prompts)
+        tokenized = [self.engine.tokenize(prompt) for prompt in prompt_list]
+        search = BeamSearch(self.engine, beam_width, max_tokens, length_penalty, ignore_eos)
+        results = search.run([token_ids for _, token_ids in tokenized])
+        outputs = []
+        for (text, token_ids), sequences in zip(tokenized, results, strict=True):
+            for sequence in sequences:
+                sequence.text = self._decode(sequence.token_ids)
+            outputs.append(BeamSearchOutput(text, token_ids, sequences))
+        return outputs
+
+    def get_metrics(self) -> EngineMetrics:
+        """The engine's gauges and cumulative counters (prefix-cache hits, KV usage, ...)."""
+        return self.engine.get_metrics()
+
     def generate_stream(
         self, prompt: PromptInput, sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
@@ -93,6 +124,11 @@ class LLM:
         finally:
             if not finished:
                 self.engine.abort_request(request_id)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=True))
 
     def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         finished: dict[str, RequestOutput] = {}

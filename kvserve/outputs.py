@@ -63,3 +63,35 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
     kv_block_ids: list[list[int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of the engine's gauges and cumulative counters (`LLM.get_metrics()`).
+
+    Token counters are cumulative since the engine started; a Prometheus exporter turns them
+    into counters and the rest into gauges. `prefix_cache_queries` counts the prompt tokens
+    looked up in the prefix cache (once per request admission), `prefix_cache_hits` those
+    found there.
+    """
+
+    num_requests_running: int
+    num_requests_waiting: int
+    kv_cache_usage: float  # fraction of usable KV blocks held by requests, in [0, 1]
+    num_kv_blocks: int  # usable blocks (the null block excluded)
+    num_kv_blocks_used: int
+    num_kv_blocks_cached: int  # blocks holding a prefix-cache entry, used or free
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    prefix_cache_evictions: int  # cached blocks reused for other tokens
+    num_preemptions: int
+    prompt_tokens: int  # prompt tokens of admitted requests
+    computed_prompt_tokens: int  # prompt tokens the model computed (cache misses, recomputes)
+    generation_tokens: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Hits over queries, 0.0 before any query."""
+        return (
+            self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+        )

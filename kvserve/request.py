@@ -98,6 +98,42 @@ class Request:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
+    def copy(self, request_id: str) -> Request:
+        """A copy under a new id, with the same tokens and progress (a fork; see Scheduler).
+
+        The copy is WAITING until the scheduler places it; timing fields are kept.
+        """
+        child = Request(
+            request_id,
+            self.prompt_token_ids,
+            self.sampling_params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=self.arrival_time,
+            cache_salt=self.cache_salt,
+        )
+        child.output_token_ids = list(self.output_token_ids)
+        child.all_token_ids = list(self.all_token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.block_hashes = list(self.block_hashes)
+        child.first_scheduled_time = self.first_scheduled_time
+        child.first_token_time = self.first_token_time
+        return child
+
+    def replace_last_token(self, token_id: int) -> None:
+        """Swap the newest output token for another one before its K/V is computed.
+
+        Block hashes never cover it yet: the KV cache manager hashes a block when a step
+        allocates it, and this token was appended after the last step's allocation.
+
+        Raises:
+            ValueError: there is no output token, or the newest one is already computed.
+        """
+        if not self.output_token_ids or self.num_computed_tokens >= self.num_tokens:
+            raise ValueError(f"{self}: no uncomputed output token to replace")
+        self.output_token_ids[-1] = token_id
+        self.all_token_ids[-1] = token_id
+
     def __repr__(self) -> str:
         return (
             f"Request({self.request_id!r}, status={self.status.name}, "

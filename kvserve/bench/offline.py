@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from kvserve.bench import plots
+from kvserve.bench import cache_bench, plots
 from kvserve.bench import workloads as wl
 
 Record = dict[str, Any]
@@ -62,12 +62,26 @@ def add_subcommands(
         parser.add_argument("--output-json", default=None, help="write the run's JSON record")
         parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
         add_engine_args(parser)
+    cache_bench.add_subcommands(commands, add_engine_args)
 
 
 def main(args: argparse.Namespace) -> int:
     monitor = wl.LoadMonitor()  # first, so it can tell our own load from others'
-    run = run_latency if args.bench_command == "latency" else run_throughput
-    record = run(args, monitor)
+    runs = {
+        "latency": run_latency,
+        "throughput": run_throughput,
+        "prefix": cache_bench.run_prefix,
+        "memory": cache_bench.run_memory,
+    }
+    record = runs[args.bench_command](args, monitor)
+    if "benchmark" not in record:  # prefix, memory: results only
+        record = {
+            "benchmark": args.bench_command,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {k: v for k, v in vars(args).items() if not callable(v)},
+            "machine": machine_info(),
+            "results": record,
+        }
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=2)
@@ -152,6 +166,7 @@ def run_latency(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
         results["ratio_decode_tok_s"] = ratio / results["transformers"]["median_decode_tok_s"]
         first_ids = [token_ids for _, token_ids in (runs["kvserve"][0], runs["transformers"][0])]
         results["greedy_tokens_agree"] = wl.agreeing_prefix(*first_ids)
+    results["kv_bytes_per_token"] = kv_bytes_per_token(bench.llm)
     plots.print_latency(args, results)
     lengths = [int(v) for v in args.no_cache_lens.split(",") if v.strip()]
     if lengths:
@@ -168,7 +183,7 @@ def run_no_cache(bench: _Bench, lengths: list[int]) -> list[Record]:
     """Decode tok/s with and without a KV cache at each prompt length (medians)."""
     from kvserve.llm import LLM
 
-    no_cache_llm = LLM(**dataclasses.asdict(bench.config.replace(cache_mode="none")))
+    no_cache_llm = LLM(**dataclasses.asdict(bench.config.replace(cache_mode="none", compile=False)))
     systems: dict[str, DecodeFn] = {
         "kvserve_cache": partial(time_kvserve_decode, bench.llm),
         "kvserve_no_cache": partial(time_kvserve_decode, no_cache_llm),
@@ -213,6 +228,27 @@ def time_kvserve_decode(
         token_ids = output.outputs[0].token_ids
         token_times.extend([now] * (len(token_ids) - len(token_times)))
     return wl.decode_timing(start, token_times), list(token_ids)
+
+
+def kv_bytes_per_token(llm: Any) -> Record:
+    """KV bytes per token as allocated (tensor bytes / slots) and by the seeds' formula."""
+    model_config = llm.engine.model_config
+    caches = llm.engine.model_runner.kv_caches or []
+    num_slots = caches[0][0].shape[0] * caches[0][0].shape[1] if caches else 0  # blocks x size
+    measured = sum(k.nbytes + v.nbytes for k, v in caches) / num_slots if num_slots else 0.0
+    dtype_bytes = caches[0][0].element_size() if caches else 0
+    formula = (
+        2 * model_config.num_hidden_layers * model_config.num_key_value_heads
+        * model_config.head_dim * dtype_bytes
+    )  # fmt: skip
+    return {
+        "measured": measured,
+        "formula": formula,
+        "num_layers": model_config.num_hidden_layers,
+        "num_kv_heads": model_config.num_key_value_heads,
+        "head_dim": model_config.head_dim,
+        "dtype_bytes": dtype_bytes,
+    }
 
 
 # ---- throughput ---------------------------------------------------------------------------

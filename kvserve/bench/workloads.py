@@ -32,6 +32,18 @@ def prompt_lengths(num_prompts: int, min_len: int, max_len: int, seed: int) -> l
     return [rng.randint(min_len, max_len) for _ in range(num_prompts)]
 
 
+def loguniform_lengths(num: int, min_len: int, max_len: int, seed: int) -> list[int]:
+    """`num` lengths log-uniform in [min_len, max_len] (as many in 64-128 as in 512-1024),
+    fixed by `seed`: the skew toward short requests of real chat traffic."""
+    if num < 1:
+        raise ValueError(f"num_requests: must be >= 1, got {num}")
+    if not 1 <= min_len <= max_len:
+        raise ValueError(f"length range: need 1 <= min <= max, got {min_len} and {max_len}")
+    rng = random.Random(seed)
+    low, high = math.log(min_len), math.log(max_len + 1)
+    return [min(max_len, int(math.exp(rng.uniform(low, high)))) for _ in range(num)]
+
+
 def random_token_ids(
     length: int, vocab_size: int, key: str, exclude: frozenset[int] = frozenset()
 ) -> list[int]:

@@ -18,11 +18,12 @@ import torch
 from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerStats
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.kv_cache import resolve_kv_dtype
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.sizing import kv_bytes_per_token
-from kvserve.outputs import RequestOutput
+from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import load_tokenizer
@@ -77,12 +78,21 @@ class Engine:
 
     def step(self) -> list[RequestOutput]:
         """Run one step for every scheduled request; return outputs of those that advanced."""
-        scheduler_output = self.scheduler.schedule()
-        model_output = self.model_runner.execute(scheduler_output)
-        updated = self.scheduler.update_from_output(scheduler_output, model_output)
+        _, model_output, updated = self.step_model()
         stopped = self.output_processor.detokenize(updated, model_output)
         self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         return self.output_processor.make_outputs(updated)
+
+    def step_model(self) -> tuple[SchedulerOutput, ModelRunnerOutput, list[Request]]:
+        """Schedule, run the model and append the sampled tokens, without detokenizing.
+
+        `step` builds on this; beam search drives it directly for requests it owns.
+        Returns what was scheduled, the model output and the requests that got a token.
+        """
+        scheduler_output = self.scheduler.schedule()
+        model_output = self.model_runner.execute(scheduler_output)
+        updated = self.scheduler.update_from_output(scheduler_output, model_output)
+        return scheduler_output, model_output, updated
 
     def add_request(
         self,
@@ -109,8 +119,7 @@ class Engine:
             for index in range(params.n)
         ]
         self.output_processor.add_request(request_id, text, children)
-        for child in children:
-            self.scheduler.add_request(child)
+        self.scheduler.add_request_group(children)
 
     def abort_request(self, request_id: str) -> None:
         """Stop a user request (all its samples) and free its KV blocks now."""
@@ -121,8 +130,26 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
-    def get_stats(self) -> SchedulerStats:
-        return self.scheduler.get_stats()
+    def get_metrics(self) -> EngineMetrics:
+        """Gauges and cumulative counters of the scheduler and the KV cache."""
+        stats = self.scheduler.get_stats()
+        manager = self.kv_cache_manager
+        prefix = manager.prefix_cache_stats
+        return EngineMetrics(
+            num_requests_running=stats.num_running,
+            num_requests_waiting=stats.num_waiting,
+            kv_cache_usage=stats.kv_cache_usage,
+            num_kv_blocks=manager.num_usable_blocks,
+            num_kv_blocks_used=manager.num_used_blocks,
+            num_kv_blocks_cached=manager.pool.num_cached_blocks,
+            prefix_cache_queries=prefix.queries,
+            prefix_cache_hits=prefix.hits,
+            prefix_cache_evictions=prefix.evictions,
+            num_preemptions=stats.num_preemptions,
+            prompt_tokens=stats.num_prompt_tokens,
+            computed_prompt_tokens=stats.num_computed_prompt_tokens,
+            generation_tokens=stats.num_generation_tokens,
+        )
 
     def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
         """A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}."""

@@ -6,6 +6,19 @@ step and `max_num_seqs` running requests. Running requests go first (in admissio
 waiting ones. When the KV pool cannot hold a running request's next tokens, the newest running
 request is preempted by recompute: its blocks are freed and it waits at the head of the queue,
 to resume later with identical output (its generated tokens are kept and re-prefilled).
+
+Forks share KV blocks instead of recomputing them (paged mode):
+
+- `add_request_group` queues the samples of an `n > 1` request: the first (the parent)
+  prefills all but the last prompt token, then the others fork from it and every sample
+  computes the last prompt token itself, writing into its own copy of the partial last block:
+
+      prompt      [ p0 ......................... pP-2 | pP-1 ]
+      parent      prefill (chunked as usual)            fork point F = P - 1
+      samples     share blocks of [0, F) ------------>  each computes pP-1 and samples
+
+- `fork_request` copies a running request whose newest token is not computed yet (beam
+  search): the copy shares every block and may replace that newest token.
 """
 
 from __future__ import annotations
@@ -31,10 +44,15 @@ class SchedulerConfig:
 
 
 class SchedulerStats(NamedTuple):
+    """Request counts now, and cumulative token counters (see `kvserve.metrics`)."""
+
     num_running: int
     num_waiting: int
     num_preemptions: int
     kv_cache_usage: float
+    num_prompt_tokens: int  # prompt tokens of every admitted request, counted once
+    num_computed_prompt_tokens: int  # prompt positions computed (misses, recomputes)
+    num_generation_tokens: int  # tokens sampled
 
 
 class Scheduler:
@@ -47,7 +65,15 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0
+        self.num_computed_prompt_tokens = 0
+        self.num_generation_tokens = 0
         self._finished_ids: list[str] = []
+        # parent request id -> samples that fork from it once it reaches the fork point
+        self._pending_forks: dict[str, list[Request]] = {}
+        # Requests not to schedule for now (beam search holds a beam until its group moves
+        # on); they keep their blocks and may still be preempted.
+        self.held: set[str] = set()
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -55,6 +81,63 @@ class Scheduler:
         """Queue a validated request (the engine checks lengths and ids before this)."""
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def add_request_group(self, requests: list[Request]) -> None:
+        """Queue the samples of one `n > 1` request so that they share the prompt's blocks.
+
+        Sharing needs the paged cache and room for the whole group among `max_num_seqs`;
+        otherwise the samples run as independent requests (prefix caching still shares
+        their full prompt blocks).
+        """
+        parent, children = requests[0], requests[1:]
+        sharing = self.kv_cache_manager.cache_mode == "paged"
+        if not children or not sharing or len(requests) > self.config.max_num_seqs:
+            for request in requests:
+                self.add_request(request)
+            return
+        self.add_request(parent)
+        for child in children:
+            self.requests[child.request_id] = child
+        self._pending_forks[parent.request_id] = list(children)
+
+    def fork_request(self, parent_id: str, child_id: str, last_token_id: int) -> Request:
+        """A copy of a request that shares all its blocks (beam search).
+
+        The parent's newest token must not be computed yet (it was just sampled); the copy
+        takes `last_token_id` in its place. No block is copied now: the first write into a
+        shared block copies it (see `KVCacheManager.fork`). A preempted parent has no blocks:
+        its copy waits right behind it and recomputes too.
+
+        Raises:
+            ValueError: the parent is unknown or finished, the child id exists, or the
+                parent's newest token is already computed.
+        """
+        parent = self.requests.get(parent_id)
+        if parent is None or parent.is_finished:
+            raise ValueError(f"request_id: cannot fork {parent_id!r}, it is not in the scheduler")
+        if child_id in self.requests:
+            raise ValueError(f"request_id: {child_id!r} already exists")
+        child = parent.copy(child_id)
+        child.replace_last_token(last_token_id)
+        if parent.status == RequestStatus.RUNNING:
+            self._fork(parent, child)
+            self.running.append(child)
+        else:  # preempted: nothing to share, the copy recomputes like its parent
+            child.status = parent.status
+            self.requests[child_id] = child
+            self.waiting.insert(self.waiting.index(parent) + 1, child)
+        return child
+
+    def preempt_held(self) -> int:
+        """Preempt every held running request (newest first) to free its blocks.
+
+        For a driver whose held requests starve the others of KV blocks. Returns how many
+        were preempted.
+        """
+        victims = [r for r in reversed(self.running) if r.request_id in self.held]
+        for request in victims:
+            self._preempt(request)
+        return len(victims)
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside a step (abort, stop string): free their blocks now."""
@@ -64,7 +147,7 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            else:
+            elif not self._remove_pending_fork(request):
                 self.waiting.remove(request)
             self._finish(request, status)
 
@@ -77,6 +160,9 @@ class Scheduler:
             num_waiting=len(self.waiting),
             num_preemptions=self.num_preemptions,
             kv_cache_usage=self.kv_cache_manager.usage,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_computed_prompt_tokens=self.num_computed_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
         )
 
     # ---- one step ----------------------------------------------------------------------
@@ -106,6 +192,11 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
+            if request.request_id in self.held:
+                index += 1
+                continue
+            if self._at_fork_point(request):
+                self._fork_pending(request, index + 1)
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new == 0:
                 index += 1
@@ -123,22 +214,32 @@ class Scheduler:
         return budget, preempted
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        for request in list(self.waiting):
+            if budget <= 0:
+                break
+            if request.request_id in self.held:
+                continue
+            group_size = 1 + len(self._pending_forks.get(request.request_id, ()))
+            if len(self.running) + group_size > self.config.max_num_seqs:
+                break
             hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit_tokens, budget)
-            if num_new == 0:
+            at_fork_point = num_hit_tokens == self._fork_point(request)
+            if num_new == 0 and not at_fork_point:
                 break
             if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             request.num_computed_tokens = num_hit_tokens
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_hit_tokens
+                self.num_prompt_tokens += request.num_prompt_tokens
             if request.first_scheduled_time is None:
                 request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
+            if num_new == 0:  # admitted at its fork point: the group forks next step
+                continue
             scheduled.append(self._scheduled(request, num_new))
             budget -= num_new
 
@@ -146,9 +247,12 @@ class Scheduler:
         """Tokens to compute this step: all that remain, cut to the budget when chunking.
 
         Without chunked prefill (and always when the cache keeps nothing, cache_mode "none")
-        a request runs whole or not at all this step.
+        a request runs whole or not at all this step. A parent whose samples have not forked
+        yet stops at the fork point.
         """
-        num_new = request.num_tokens - num_computed
+        fork_point = self._fork_point(request)
+        end = request.num_tokens if fork_point is None else fork_point
+        num_new = end - num_computed
         if num_new <= budget:
             return num_new
         if self.config.enable_chunked_prefill and self.kv_cache_manager.caches_kv:
@@ -169,7 +273,48 @@ class Scheduler:
             eos_token_ids=request.eos_token_ids,
         )
         request.num_computed_tokens += num_new
+        self.num_computed_prompt_tokens += max(0, min(num_new, request.num_prompt_tokens - start))
         return entry
+
+    # ---- forks ---------------------------------------------------------------------------
+
+    def _fork_point(self, request: Request) -> int | None:
+        """Where a parent's samples fork (its last prompt token), None if none are pending."""
+        if request.request_id not in self._pending_forks:
+            return None
+        return request.num_prompt_tokens - 1
+
+    def _at_fork_point(self, request: Request) -> bool:
+        return request.num_computed_tokens == self._fork_point(request)
+
+    def _fork_pending(self, parent: Request, position: int) -> None:
+        """Fork the parent's waiting samples into `running` right after the parent.
+
+        They are scheduled in this same step: the blocks they share hold tokens computed in
+        earlier steps only, so copy-on-write copies finished K/V.
+        """
+        children = self._pending_forks.pop(parent.request_id)
+        for child in children:
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.num_cached_tokens = parent.num_cached_tokens
+            child.first_scheduled_time = parent.first_scheduled_time
+            self._fork(parent, child)
+        self.running[position:position] = children
+
+    def _fork(self, parent: Request, child: Request) -> None:
+        self.kv_cache_manager.fork(parent, child)
+        child.status = RequestStatus.RUNNING
+        self.requests[child.request_id] = child
+
+    def _remove_pending_fork(self, request: Request) -> bool:
+        """Drop a sample that has not forked yet; False if it is not one."""
+        for parent_id, children in self._pending_forks.items():
+            if request in children:
+                children.remove(request)
+                if not children:
+                    del self._pending_forks[parent_id]
+                return True
+        return False
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -199,6 +344,7 @@ class Scheduler:
         ):
             request = self.requests[request_id]
             request.append_output_token(token_id)
+            self.num_generation_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
             status = self._check_stop(request, token_id)
@@ -223,6 +369,10 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self.held.discard(request.request_id)
+        # A parent that ends before its samples forked leaves them to run on their own.
+        for child in reversed(self._pending_forks.pop(request.request_id, [])):
+            self.waiting.appendleft(child)
         request.status = status
         self.kv_cache_manager.free(request)
         self._finished_ids.append(request.request_id)
@@ -232,9 +382,14 @@ class Scheduler:
         """Request lists agree with each other and with the KV cache manager."""
         running_ids = {r.request_id for r in self.running}
         waiting_ids = {r.request_id for r in self.waiting}
+        pending_ids = {c.request_id for cs in self._pending_forks.values() for c in cs}
         if running_ids & waiting_ids:
             raise AssertionError(f"requests both running and waiting: {running_ids & waiting_ids}")
-        if running_ids | waiting_ids != set(self.requests):
+        if pending_ids & (running_ids | waiting_ids):
+            raise AssertionError(f"forks both pending and queued: {pending_ids}")
+        if not set(self._pending_forks) <= running_ids | waiting_ids:
+            raise AssertionError("a pending fork's parent is neither running nor waiting")
+        if running_ids | waiting_ids | pending_ids != set(self.requests):
             raise AssertionError("scheduler request map disagrees with its queues")
         if len(self.running) > self.config.max_num_seqs:
             raise AssertionError("more running requests than max_num_seqs")

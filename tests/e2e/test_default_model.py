@@ -66,3 +66,24 @@ def test_cli_generate_streams_and_reports() -> None:
     )  # fmt: skip
     assert result.stdout.strip()
     assert "8 tokens in" in result.stderr and "KV blocks used:" in result.stderr
+
+
+def test_multi_turn_chat_reuses_the_earlier_turns(llm: LLM) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+    messages = [{"role": "user", "content": "Name one planet."}]
+    block_size = llm.engine.config.block_size
+    previous_prompt_len = 0
+    for question in ("Name another one.", "Which of the two is larger?", "Thanks!"):
+        (output,) = llm.chat(messages, params)
+        prompt_len = len(output.prompt_token_ids)
+        # the whole previous prompt is a prefix of this one: its full blocks must be hits
+        assert output.num_cached_tokens >= previous_prompt_len // block_size * block_size
+        if previous_prompt_len:
+            assert output.num_cached_tokens > 0
+        previous_prompt_len = prompt_len
+        messages += [
+            {"role": "assistant", "content": output.outputs[0].text},
+            {"role": "user", "content": question},
+        ]
+    metrics = llm.get_metrics()
+    assert metrics.prefix_cache_hits > 0 and metrics.num_kv_blocks_used == 0

@@ -134,3 +134,15 @@ def test_wait_idle_gives_up_after_its_budget() -> None:
     sample = wl.LoadMonitor().wait_idle(max_wait_s=0.0, seconds=0.01)
     assert isinstance(sample, wl.LoadSample)
     assert time.monotonic() - start < 5.0
+
+
+def test_loguniform_lengths_are_in_range_skewed_short_and_fixed_by_seed() -> None:
+    lengths = wl.loguniform_lengths(2000, 64, 1024, seed=3)
+    assert lengths == wl.loguniform_lengths(2000, 64, 1024, seed=3)
+    assert min(lengths) >= 64 and max(lengths) <= 1024
+    short = sum(1 for n in lengths if n < 128)
+    long = sum(1 for n in lengths if n >= 512)
+    assert abs(short - long) < 200  # one octave each: equally likely
+    assert sum(lengths) / len(lengths) < (64 + 1024) / 2
+    with pytest.raises(ValueError, match="num_requests"):
+        wl.loguniform_lengths(0, 1, 2, seed=0)

@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from kvserve.config import EngineConfig
 from kvserve.engine.beam_search import BeamSearch, BeamSearchOutput
-from kvserve.engine.engine import Engine, PromptInput
+from kvserve.engine.engine import Engine, PromptInput, check_cache_salt
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import apply_chat_template
@@ -42,18 +42,21 @@ class LLM:
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        A prompt is a string, `{"prompt_token_ids": [...]}` or `{"prompt": "..."}`. Every
-        prompt is validated before any is queued, so a bad one raises ValueError and runs
-        nothing.
+        A prompt is a string, `{"prompt_token_ids": [...]}` or `{"prompt": "..."}`; a dict
+        may add `"cache_salt": "..."` so that only prompts with the same salt share prefix-cache
+        blocks (tenants). Every prompt is validated before any is queued, so a bad one raises
+        ValueError and runs nothing.
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
         for prompt, params in zip(prompt_list, params_list, strict=True):
             _, token_ids = self.engine.tokenize(prompt)
             self.engine.validate(token_ids, params)
+            check_cache_salt(prompt.get("cache_salt") if isinstance(prompt, dict) else None)
         request_ids = [str(next(self._ids)) for _ in prompt_list]
         for request_id, prompt, params in zip(request_ids, prompt_list, params_list, strict=True):
-            self.engine.add_request(request_id, prompt, params)
+            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+            self.engine.add_request(request_id, prompt, params, cache_salt=salt)
         return self._run(request_ids, use_tqdm)
 
     def chat(

@@ -105,6 +105,7 @@ class Engine:
         """Validate and queue a request; raises ValueError (naming the field) before any work."""
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id: {request_id!r} is already running")
+        check_cache_salt(cache_salt)
         text, prompt_token_ids = self.tokenize(prompt)
         params = self.validate(prompt_token_ids, params)
         children = [
@@ -250,6 +251,12 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return frozenset(ids)
+
+
+def check_cache_salt(cache_salt: object) -> None:
+    """A salt is None or a non-empty string; raises ValueError naming `cache_salt`."""
+    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
+        raise ValueError(f"cache_salt: must be a non-empty string, got {cache_salt!r}")
 
 
 def _resolve_model_path(model: str | None) -> str:

@@ -51,12 +51,28 @@ class AttentionMetadata:
         return len(self.seq_lens)
 
 
+class DecodeGroup(NamedTuple):
+    """Decode seqs of similar context length, attended in one batched SDPA call."""
+
+    rows: Tensor | None  # (g,) their rows among the decodes; None = all rows, in order
+    block_ids: Tensor  # (g, max_blocks): padded to the group's longest context
+    mask: Tensor  # (g, 1, 1, max_blocks * block_size) bool, True = attend
+
+
 class DecodePlan(NamedTuple):
-    """The decode seqs, attended in one batched SDPA call over their padded contexts."""
+    """The decode seqs, grouped by context length so short ones are not padded to long ones.
+
+    Gathering K/V and attending are memory-bound: a batch padded to its longest context
+    moves every padded slot too. Sorted by length, a new group starts when a context is
+    below DECODE_GROUP_RATIO of its group's longest by at least DECODE_GROUP_MIN_GAP blocks.
+    """
 
     num_decodes: int
-    block_ids: Tensor  # (num_decodes, max_blocks): blocks of the longest context
-    mask: Tensor  # (num_decodes, 1, 1, max_blocks * block_size) bool, True = attend
+    groups: list[DecodeGroup]
+
+
+DECODE_GROUP_RATIO = 0.9
+DECODE_GROUP_MIN_GAP = 4  # blocks; below this, padding costs less than another call
 
 
 class SeqPlan(NamedTuple):
@@ -95,16 +111,45 @@ def plan_attention(
 
 
 def _plan_decodes(md: AttentionMetadata, window: int | None, device: torch.device) -> DecodePlan:
-    assert md.block_tables is not None, "a cached step needs block_tables"
     n = md.num_decodes
-    max_blocks = -(-max(md.seq_lens[:n]) // md.block_size)
-    seq_lens = torch.tensor(md.seq_lens[:n], device=device).unsqueeze(1)  # (n, 1)
+    num_blocks = [-(-seq_len // md.block_size) for seq_len in md.seq_lens[:n]]
+    groups: list[list[int]] = []
+    for row in sorted(range(n), key=lambda r: -num_blocks[r]):
+        longest = num_blocks[groups[-1][0]] if groups else 0
+        gap = longest - num_blocks[row]
+        if groups and (
+            num_blocks[row] >= DECODE_GROUP_RATIO * longest or gap < DECODE_GROUP_MIN_GAP
+        ):
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    if len(groups) == 1:
+        return DecodePlan(n, [_decode_group(md, list(range(n)), None, window, device)])
+    plans = [
+        _decode_group(md, rows, torch.tensor(rows, device=device), window, device)
+        for rows in groups
+    ]
+    return DecodePlan(n, plans)
+
+
+def _decode_group(
+    md: AttentionMetadata,
+    rows: list[int],
+    row_ids: Tensor | None,
+    window: int | None,
+    device: torch.device,
+) -> DecodeGroup:
+    assert md.block_tables is not None, "a cached step needs block_tables"
+    lens = [md.seq_lens[row] for row in rows]
+    max_blocks = -(-max(lens) // md.block_size)
+    seq_lens = torch.tensor(lens, device=device).unsqueeze(1)  # (g, 1)
     key_pos = torch.arange(max_blocks * md.block_size, device=device)  # (max_keys,)
-    mask = key_pos < seq_lens  # (n, max_keys)
+    mask = key_pos < seq_lens  # (g, max_keys)
     if window is not None:
-        mask &= key_pos >= seq_lens - window  # (n, max_keys)
-    block_ids = md.block_tables[:n, :max_blocks]  # (n, max_blocks)
-    return DecodePlan(n, block_ids, mask.view(n, 1, 1, -1))
+        mask &= key_pos >= seq_lens - window  # (g, max_keys)
+    table = md.block_tables if row_ids is None else md.block_tables[row_ids]
+    block_ids = table[: len(rows), :max_blocks]  # (g, max_blocks)
+    return DecodeGroup(row_ids, block_ids, mask.view(len(rows), 1, 1, -1))
 
 
 def _plan_seq(
@@ -195,14 +240,28 @@ def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 
 def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
-    n = plan.num_decodes
-    k = kv_cache[0][plan.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
-    v = kv_cache[1][plan.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
+    """q: (num_decodes, num_heads, head_dim) -> the same shape, one SDPA call per group."""
+    if len(plan.groups) == 1 and plan.groups[0].rows is None:
+        return _decode_group_attention(q, kv_cache, plan.groups[0], scale)
+    out = torch.empty_like(q)  # (num_decodes, num_heads, head_dim)
+    for group in plan.groups:
+        assert group.rows is not None
+        q_group = q.index_select(0, group.rows)  # (g, num_heads, head_dim)
+        out.index_copy_(0, group.rows, _decode_group_attention(q_group, kv_cache, group, scale))
+    return out
+
+
+def _decode_group_attention(
+    q: Tensor, kv_cache: KVCache, group: DecodeGroup, scale: float
+) -> Tensor:
+    n = q.shape[0]
+    k = kv_cache[0][group.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
+    v = kv_cache[1][group.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # (n, num_heads, 1, head_dim)
         k.view(n, -1, *k.shape[3:]).transpose(1, 2),  # (n, kv_heads, max_keys, head_dim)
         v.view(n, -1, *v.shape[3:]).transpose(1, 2),  # (n, kv_heads, max_keys, head_dim)
-        attn_mask=plan.mask,
+        attn_mask=group.mask,
         scale=scale,
         enable_gqa=True,
     )  # (n, num_heads, 1, head_dim)

@@ -176,3 +176,26 @@ def test_multi_turn_reuses_earlier_turns_and_matches_no_caching(llama: str) -> N
                 reusable = prompt_lens[turn - 1] + params.max_tokens - 1
                 assert outputs[turn].num_cached_tokens == reusable // 4 * 4
     assert results[True] == results[False]
+
+
+def test_cache_salt_keeps_tenants_apart(tiny_checkpoints: dict[str, str]) -> None:
+    from kvserve.llm import LLM
+
+    llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=64, max_model_len=128)
+    (prompt,) = random_prompts(256, [40], seed=12)
+    params = SamplingParams(temperature=0.0, max_tokens=3)
+
+    def cached(salt: str | None) -> int:
+        request: dict[str, Any] = {"prompt_token_ids": prompt}
+        if salt is not None:
+            request["cache_salt"] = salt
+        (output,) = llm.generate(request, params, use_tqdm=False)
+        return output.num_cached_tokens
+
+    assert cached("tenant-a") == 0
+    assert cached("tenant-b") == 0  # same tokens, other tenant: no hit
+    assert cached(None) == 0
+    assert cached("tenant-a") == 32  # its own blocks: 2 full blocks of 16
+    with pytest.raises(ValueError, match="cache_salt"):
+        llm.generate({"prompt_token_ids": prompt, "cache_salt": 5}, params, use_tqdm=False)
+    assert llm.get_metrics().num_kv_blocks_used == 0

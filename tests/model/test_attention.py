@@ -93,3 +93,46 @@ def test_without_cache_each_seq_attends_to_itself_only() -> None:
     out = paged_attention(q, k, v, None, plan, HEAD_DIM**-0.5)
     expected = torch.cat([_reference(q[a:b], k[a:b], v[a:b], 2) for a, b in [(0, 3), (3, 7)]])
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_decodes_grouped_by_length_match_the_reference(window: int | None) -> None:
+    """Contexts 3..60 tokens (1..15 blocks): several groups, rows come back in order."""
+    generator = torch.Generator().manual_seed(1)
+    seq_lens = [60, 3, 33, 58, 17, 9, 41, 26]
+    num_blocks = [-(-n // BLOCK_SIZE) for n in seq_lens]
+    ids = (torch.randperm(127, generator=generator) + 1).tolist()
+    tables, start = [], 0
+    for count in num_blocks:
+        tables.append(ids[start : start + count])
+        start += count
+    shape = (128, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    context = [torch.randn(n, 2, NUM_KV_HEADS, HEAD_DIM, generator=generator) for n in seq_lens]
+    for table, kv, n in zip(tables, context, seq_lens, strict=True):  # all but the new token
+        for p in range(n - 1):
+            slot = divmod(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE, BLOCK_SIZE)
+            kv_cache[0][slot], kv_cache[1][slot] = kv[p, 0], kv[p, 1]
+    width = max(num_blocks)
+    md = AttentionMetadata(
+        query_start_loc=list(range(len(seq_lens) + 1)),
+        seq_lens=seq_lens,
+        num_decodes=len(seq_lens),
+        slot_mapping=torch.tensor(
+            [
+                t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE
+                for t, n in zip(tables, seq_lens, strict=True)
+            ]
+        ),  # fmt: skip
+        block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+        block_size=BLOCK_SIZE,
+    )
+    plan = plan_attention(md, window, cached=True, device=torch.device("cpu"))
+    assert plan.decode is not None and len(plan.decode.groups) > 2
+    q = torch.randn(len(seq_lens), NUM_HEADS, HEAD_DIM, generator=generator)
+    new_kv = torch.stack([kv[-1] for kv in context])  # (num_decodes, 2, kv, d)
+    out = paged_attention(q, new_kv[:, 0], new_kv[:, 1], kv_cache, plan, HEAD_DIM**-0.5)
+    expected = torch.cat(
+        [_reference(q[i : i + 1], kv[:, 0], kv[:, 1], window) for i, kv in enumerate(context)]
+    )
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)

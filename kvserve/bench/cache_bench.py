@@ -264,19 +264,23 @@ def decode_vs_context(args: argparse.Namespace, seed: int) -> list[Record]:
     from kvserve.bench.offline import time_kvserve_decode
 
     lengths = [int(v) for v in args.decode_context_lens.split(",") if v.strip()]
-    rows = []
+    rows: list[Record] = []
+    if not lengths:
+        return rows
+    max_model_len = max(lengths) + args.decode_output_len
     llms = {
-        "cache": _llm(args, cache_mode="paged", compile=False),
-        "no_cache": _llm(args, cache_mode="none", compile=False),
+        mode: _llm(args, cache_mode=mode, compile=False, max_model_len=max_model_len)
+        for mode in ("paged", "none")
     }
-    vocab_size, exclude = _vocab(llms["cache"])
+    vocab_size, exclude = _vocab(llms["paged"])
     for llm in llms.values():  # warm up
         time_kvserve_decode(llm, wl.random_token_ids(16, vocab_size, "warm", exclude), 4)
     for length in lengths:
         prompt = wl.random_token_ids(length, vocab_size, f"context:{seed}:{length}", exclude)
         row: Record = {"context_len": length}
-        for name, llm in llms.items():
+        for mode, llm in llms.items():
             timing, _ = time_kvserve_decode(llm, prompt, args.decode_output_len)
+            name = "cache" if mode == "paged" else "no_cache"
             row[f"{name}_ms_per_token"] = 1000 * timing.tpot_s
         row["no_cache_slowdown"] = row["no_cache_ms_per_token"] / row["cache_ms_per_token"]
         rows.append(row)

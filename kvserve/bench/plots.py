@@ -56,7 +56,7 @@ def print_latency(args: argparse.Namespace, results: Record) -> None:
         f"greedy, {args.num_iters} iterations (medians), {torch_threads()} threads"
     )
     keys = ["median_decode_tok_s", "median_ttft_ms", "median_tpot_ms", "median_e2e_latency_s"]
-    systems = {name: r for name, r in results.items() if isinstance(r, dict)}
+    systems = {name: results[name] for name in ("kvserve", "transformers") if name in results}
     header = ["system", "decode tok/s", "TTFT ms", "TPOT ms", "e2e s"]
     print_table(header, [[name, *(r[k] for k in keys)] for name, r in systems.items()])
     if "ratio_decode_tok_s" in results:
@@ -190,6 +190,8 @@ def print_memory(args: argparse.Namespace, results: Record) -> None:
                          for mode in ("paged", "contiguous")])  # fmt: skip
     print(f"peak concurrency paged / contiguous: {results['concurrency_ratio']:.2f}x")
     rows = results["decode_vs_context"]
+    if not rows:
+        return
     print(f"\nbatch-1 decode ms/token over {args.decode_output_len} tokens vs context length")
     print_table(
         ["context", "cache ms/tok", "no cache ms/tok", "no cache / cache"],
@@ -216,6 +218,8 @@ def plot_memory(results: Record, path: str) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     rows = results["decode_vs_context"]
+    if not rows:
+        return
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     lengths = [r["context_len"] for r in rows]
     ax.plot(lengths, [r["cache_ms_per_token"] for r in rows], "o-", label="KV cache")

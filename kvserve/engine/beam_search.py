@@ -31,6 +31,9 @@ from typing import TYPE_CHECKING
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 
+# SamplingParams caps logprobs at 20 (OpenAI's top_logprobs limit); so does vLLM by default.
+MAX_LOGPROBS = 20
+
 if TYPE_CHECKING:
     from kvserve.engine.engine import Engine
 
@@ -112,6 +115,13 @@ class BeamSearch:
         self.length_penalty = length_penalty
         self.eos_token_ids = frozenset() if ignore_eos else engine.eos_token_ids
         self.num_candidates = max(2, 1 + len(self.eos_token_ids)) * beam_width
+        if self.num_candidates > MAX_LOGPROBS:
+            per_beam = self.num_candidates // beam_width
+            raise ValueError(
+                f"beam_width: at most {MAX_LOGPROBS // per_beam} with this model's "
+                f"{len(self.eos_token_ids)} eos token(s) ({per_beam} candidates per beam come "
+                f"from the sampler's top-{MAX_LOGPROBS} logprobs), got {beam_width}"
+            )
         self.params = SamplingParams(
             temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=self.num_candidates
         )

@@ -107,6 +107,8 @@ def test_beam_search_bad_arguments(tiny_checkpoints: dict[str, str]) -> None:
         llm.beam_search(prompt, 0, 4)
     with pytest.raises(ValueError, match="beam_width"):
         llm.beam_search(prompt, 5, 4)
+    with pytest.raises(ValueError, match="beam_width: at most 10"):
+        make_llm(tiny_checkpoints["llama"], max_num_seqs=16).beam_search(prompt, 11, 4)
     with pytest.raises(ValueError, match="max_tokens"):
         llm.beam_search(prompt, 2, 0)
     with pytest.raises(ValueError, match="max_tokens"):

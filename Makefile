@@ -1,4 +1,5 @@
-# kvserve: `make run` sets up .venv and runs the demo on the default model; `make test` sets up
+# kvserve: `make run` sets up .venv and serves the default model (OpenAI API on 127.0.0.1:8000);
+# `make demo` streams one chat answer; `make test` sets up
 # .venv and runs the tests. Nothing needs to be installed by hand.
 PYTHON ?= python3
 VENV := .venv
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain in three sentences why an LLM server caches keys and values but not queries.
 
-.PHONY: setup run test test-fast lint clean
+.PHONY: setup run demo test test-fast lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,9 @@ $(STAMP): pyproject.toml Makefile
 setup: $(STAMP)
 
 run: setup
+	$(VENV)/bin/kvserve serve --host 127.0.0.1 --port 8000
+
+demo: setup
 	$(VENV)/bin/kvserve generate --chat --max-tokens 160 --prompt "$(PROMPT)"
 
 test: setup

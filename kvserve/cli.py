@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 import time
 import types
@@ -155,6 +156,26 @@ def _stream_to_stdout(llm: Any, prompt: Any, params: SamplingParams) -> str:
     return completion.text
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvserve.engine.engine import Engine
+    from kvserve.server.api_server import serve
+    from kvserve.server.async_engine import AsyncEngine
+
+    engine = Engine(engine_config_from_args(args))
+    name = args.served_model_name or _model_name(engine.model_path)
+    if args.max_queue_len is not None and args.max_queue_len < 0:
+        raise ValueError(f"max_queue_len: must be >= 0, got {args.max_queue_len}")
+    serve(AsyncEngine(engine), name, args.host, args.port, args.api_key, args.max_queue_len)
+    return 0
+
+
+def _model_name(model_path: str) -> str:
+    """A folder's or file's name, without `.gguf` (the default model: SmolLM2-135M-Instruct)."""
+    base = os.path.basename(os.path.normpath(model_path))
+    name = base.removesuffix(".gguf")
+    return name.rsplit("-Q", 1)[0] if "SmolLM2" in name else name
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvserve.bench import offline
 
@@ -179,7 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(chat)
     chat.set_defaults(func=_cmd_chat)
 
-    bench = commands.add_parser("bench", help="benchmarks (latency, throughput)")
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="default: the model's name")
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    serve.add_argument("--max-queue-len", type=int, default=None, help="429 past this many waiting")
+    add_engine_args(serve)
+    serve.set_defaults(func=_cmd_serve)
+
+    bench = commands.add_parser("bench", help="benchmarks (latency, throughput, prefix, memory)")
     from kvserve.bench import offline
 
     offline.add_subcommands(bench, add_engine_args)

@@ -1,0 +1,148 @@
+"""The engine loop on its own thread, streaming outputs to asyncio consumers.
+
+    event loop (FastAPI)                           engine thread (owns the Engine)
+    generate(): tokenize + validate (a worker)     loop:
+                commands += add  ---------------->     apply adds and aborts
+                await queue      <--call_soon-----     outputs = engine.step()
+    consumer gone: commands += abort                   each output -> its request's queue
+
+Only the engine thread calls the engine, so requests join and leave only between steps and a
+model step never runs on (or blocks) the event loop. Invalid input raises ValueError in
+`generate` before anything is queued. A request whose consumer goes away (client disconnect,
+cancellation) is aborted before the next step and its KV blocks freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import Any
+
+from kvserve.engine.engine import Engine, PromptInput
+from kvserve.outputs import EngineMetrics, RequestOutput
+from kvserve.sampling_params import SamplingParams
+
+logger = logging.getLogger("kvserve")
+
+
+class EngineDeadError(RuntimeError):
+    """A model step failed; the request cannot finish (the server answers 500)."""
+
+
+class AsyncEngine:
+    """Runs `engine.step()` on a background thread; `generate` is an async stream."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._commands: deque[tuple[str, str, Any, Any]] = deque()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._ids = itertools.count()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests queued or running (read without the engine thread: may lag a step)."""
+        return len(self._queues)
+
+    def new_request_id(self, prefix: str) -> str:
+        return f"{prefix}-{next(self._ids)}"
+
+    def get_metrics(self) -> EngineMetrics:
+        """A snapshot of the engine's counters (read while a step may run: ints, no locks)."""
+        return self.engine.get_metrics()
+
+    async def generate(
+        self, request_id: str, prompt: PromptInput, params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        """Queue a request and yield its cumulative output after every step that advanced it.
+
+        Raises:
+            ValueError: the prompt or parameters are invalid (nothing was queued).
+            EngineDeadError: a model step failed.
+        """
+        token_ids = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._queues[request_id] = (asyncio.get_running_loop(), queue)
+        self._submit("add", request_id, token_ids, params)
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                if isinstance(item, ValueError):
+                    raise item
+                if isinstance(item, BaseException):
+                    raise EngineDeadError(str(item)) from item
+                finished = item.finished
+                yield item
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._submit("abort", request_id, None, None)
+
+    def shutdown(self) -> None:
+        """Stop the loop thread after the current step."""
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=60)
+
+    def _tokenize_and_validate(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
+        token_ids = self.engine.tokenize(prompt)[1]
+        self.engine.validate(token_ids, params)
+        return token_ids
+
+    def _submit(self, kind: str, request_id: str, token_ids: Any, params: Any) -> None:
+        self._commands.append((kind, request_id, token_ids, params))
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._apply_commands()
+            if not self.engine.has_unfinished_requests():
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                continue
+            self._step()
+
+    def _apply_commands(self) -> None:
+        while self._commands:
+            kind, request_id, token_ids, params = self._commands.popleft()
+            if kind == "abort":
+                self.engine.abort_request(request_id)
+                continue
+            try:
+                self.engine.add_request(request_id, {"prompt_token_ids": token_ids}, params)
+            except ValueError as error:  # e.g. a request id already in use
+                self._deliver(request_id, error)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as error:  # a bug or out of memory: fail those requests, keep serving
+            logger.exception("engine step failed; failing the requests in flight")
+            for request_id in list(self._queues):
+                self.engine.abort_request(request_id)
+                self._deliver(request_id, error)
+            return
+        for output in outputs:
+            self._deliver(output.request_id, output)
+
+    def _deliver(self, request_id: str, item: Any) -> None:
+        target = self._queues.get(request_id)
+        if target is not None:
+            loop, queue = target
+            loop.call_soon_threadsafe(queue.put_nowait, item)

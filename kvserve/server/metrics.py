@@ -1,0 +1,104 @@
+"""`/metrics` in Prometheus text format, with vLLM's metric names under a `kvserve:` prefix.
+
+Gauges and counters are read from the engine at scrape time (`Engine.get_metrics`), so there
+is one source of truth; latency histograms are observed by the server as outputs stream out:
+
+    kvserve:num_requests_running / _waiting      gauges
+    kvserve:kv_cache_usage_perc                  gauge, fraction of KV blocks in use (0..1)
+    kvserve:prefix_cache_queries_total / _hits_total   counters, tokens
+    kvserve:num_preemptions_total                counter
+    kvserve:prompt_tokens_total, kvserve:generation_tokens_total   counters
+    kvserve:time_to_first_token_seconds, kvserve:inter_token_latency_seconds,
+    kvserve:e2e_request_latency_seconds          histograms
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from kvserve.outputs import EngineMetrics, RequestOutput
+
+PREFIX = "kvserve:"
+_TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+_ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_E2E_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+
+
+class _EngineCollector(Collector):
+    def __init__(self, read: Callable[[], EngineMetrics], model_name: str) -> None:
+        self._read = read
+        self._labels = {"model_name": model_name}
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._read()
+        gauges = {
+            "num_requests_running": (
+                "Requests in model execution batches.",
+                m.num_requests_running,
+            ),
+            "num_requests_waiting": ("Requests waiting to be scheduled.", m.num_requests_waiting),
+            "kv_cache_usage_perc": ("KV-cache usage, 1 means 100 percent.", m.kv_cache_usage),
+        }
+        for name, (doc, value) in gauges.items():
+            gauge = GaugeMetricFamily(PREFIX + name, doc, labels=list(self._labels))
+            gauge.add_metric(list(self._labels.values()), value)
+            yield gauge
+        counters = {
+            "prefix_cache_queries": ("Prefix-cache queries, in tokens.", m.prefix_cache_queries),
+            "prefix_cache_hits": ("Prefix-cache hits, in tokens.", m.prefix_cache_hits),
+            "num_preemptions": ("Cumulative preemptions.", m.num_preemptions),
+            "prompt_tokens": ("Prompt tokens admitted.", m.prompt_tokens),
+            "generation_tokens": ("Generated tokens.", m.generation_tokens),
+        }
+        for name, (doc, value) in counters.items():
+            counter = CounterMetricFamily(PREFIX + name, doc, labels=list(self._labels))
+            counter.add_metric(list(self._labels.values()), value)
+            yield counter
+
+
+class ServerMetrics:
+    """One registry per server: the engine collector plus request latency histograms."""
+
+    def __init__(self, read: Callable[[], EngineMetrics], model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineCollector(read, model_name))
+        labels = ["model_name"]
+        self._ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,
+            registry=self.registry, buckets=_TTFT_BUCKETS,
+        ).labels(model_name)  # fmt: skip
+        self._itl = Histogram(
+            PREFIX + "inter_token_latency_seconds", "Time between output tokens.", labels,
+            registry=self.registry, buckets=_ITL_BUCKETS,
+        ).labels(model_name)  # fmt: skip
+        self._e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.", labels,
+            registry=self.registry, buckets=_E2E_BUCKETS,
+        ).labels(model_name)  # fmt: skip
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+        """Pass outputs through, observing TTFT, the gap per new token, and e2e latency."""
+        start = last = time.monotonic()
+        num_tokens = 0
+        async for output in stream:
+            now = time.monotonic()
+            total = sum(len(c.token_ids) for c in output.outputs)
+            if total > num_tokens:
+                if num_tokens == 0:
+                    self._ttft.observe(now - start)
+                else:
+                    gap = (now - last) / (total - num_tokens)
+                    for _ in range(total - num_tokens):
+                        self._itl.observe(gap)
+                num_tokens, last = total, now
+            if output.finished:
+                self._e2e.observe(now - start)
+            yield output

@@ -79,7 +79,7 @@ class CompletionRequest(_SamplingFields):
         if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
             if len(prompt) != 1:
                 raise ValueError("prompt: send one prompt per request")
-            return prompt[0]  # type: ignore[return-value]
+            return prompt[0]
         return prompt  # type: ignore[return-value]
 
 
@@ -108,7 +108,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
 
 
-def error_body(message: str, kind: str, param: str | None = None, code: Any = None) -> dict:
+def error_body(
+    message: str, kind: str, param: str | None = None, code: Any = None
+) -> dict[str, Any]:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 

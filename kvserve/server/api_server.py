@@ -39,6 +39,16 @@ from kvserve.tokenizer import apply_chat_template
 logger = logging.getLogger("kvserve")
 
 
+class Rejected(Exception):
+    """A request turned away before any work: 401 (API key) or 429 (overloaded)."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.headers = status, kind, headers or {}
+
+
 class ModelNotFound(Exception):
     def __init__(self, name: str) -> None:
         super().__init__(f"model {name!r} does not exist")
@@ -55,17 +65,15 @@ def build_app(
     metrics = ServerMetrics(engine.get_metrics, model_name)
     _add_error_handlers(app)
 
-    @app.middleware("http")
-    async def admission(request: Request, call_next: Any) -> Any:
-        if request.url.path.startswith("/v1/"):
-            if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-                return _error(401, "invalid or missing API key", "authentication_error")
-            waiting = engine.num_unfinished - engine.get_metrics().num_requests_running
-            if max_queue_len is not None and request.method == "POST" and waiting >= max_queue_len:
-                reply = _error(429, f"{waiting} requests are waiting; retry later", "overloaded")
-                reply.headers["Retry-After"] = "1"
-                return reply
-        return await call_next(request)
+    def admit(request: Request) -> None:
+        """API key, then the waiting-queue limit (POST only); raises Rejected."""
+        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
+            raise Rejected(401, "invalid or missing API key", "authentication_error")
+        # the requests that would wait with this one admitted: all but max_num_seqs
+        would_wait = engine.num_unfinished + 1 - engine.engine.config.max_num_seqs
+        if max_queue_len is not None and request.method == "POST" and would_wait > max_queue_len:
+            message = f"{would_wait - 1} requests are already waiting; retry later"
+            raise Rejected(429, message, "overloaded", headers={"Retry-After": "1"})
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -76,7 +84,8 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
+    async def models(request: Request) -> dict[str, Any]:
+        admit(request)
         card = {
             "id": model_name,
             "object": "model",
@@ -87,7 +96,8 @@ def build_app(
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        admit(request)
         _check_model(body.model, model_name)
         params = body.sampling_params(
             16 if body.max_tokens is None else body.max_tokens, body.logprobs
@@ -111,7 +121,8 @@ def build_app(
         return _response(request_id, "text_completion", model_name, choices, final)
 
     @app.post("/v1/chat/completions", response_model=None)
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        admit(request)
         _check_model(body.model, model_name)
         if not body.messages:
             raise ValueError("messages: must contain at least one message")
@@ -185,8 +196,10 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
 async def _deltas(
     first: RequestOutput, stream: AsyncIterator[RequestOutput]
 ) -> AsyncIterator[tuple[RequestOutput, list[tuple[int, str, str | None]]]]:
-    """Per engine update: (output, [(choice index, new text, finish_reason)]) of changed choices."""
-    sent: dict[int, tuple[str, str | None]] = {}
+    """Per engine update: (output, [(choice index, new text, finish_reason)]) of the choices
+    that got a token or finished (the new text may be empty: held back for a stop string or
+    an unfinished character, or a model without a tokenizer)."""
+    sent: dict[int, tuple[int, str, str | None]] = {}
 
     async def updates() -> AsyncIterator[RequestOutput]:
         yield first
@@ -196,10 +209,10 @@ async def _deltas(
     async for output in updates():
         changed = []
         for c in output.outputs:
-            text, reason = sent.get(c.index, ("", None))
-            if c.text != text or c.finish_reason != reason:
+            num_tokens, text, reason = sent.get(c.index, (0, "", None))
+            if len(c.token_ids) != num_tokens or c.finish_reason != reason:
                 changed.append((c.index, c.text[len(text) :], c.finish_reason))
-                sent[c.index] = (c.text, c.finish_reason)
+                sent[c.index] = (len(c.token_ids), c.text, c.finish_reason)
         yield output, changed
 
 
@@ -265,6 +278,12 @@ def _add_error_handlers(app: FastAPI) -> None:
         if param is not None and " " in param:
             param = None
         return _error(400, message, "invalid_request_error", param)
+
+    @app.exception_handler(Rejected)
+    async def rejected(_: Request, error: Rejected) -> JSONResponse:
+        reply = _error(error.status, str(error), error.kind)
+        reply.headers.update(error.headers)
+        return reply
 
     @app.exception_handler(ModelNotFound)
     async def unknown_model(_: Request, error: ModelNotFound) -> JSONResponse:

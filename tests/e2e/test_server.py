@@ -236,9 +236,12 @@ def test_hung_up_streams_are_aborted_and_free_their_blocks(tiny_server: str) -> 
 
 
 def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> None:
-    model = make_tiny_checkpoint("llama", tmp_path)
-    args = ["--model", str(model), "--max-model-len", "128", "--num-kv-blocks", "64",
-            "--api-key", "sesame", "--max-queue-len", "0", "--max-num-seqs", "1"]  # fmt: skip
+    # big enough that a 400-token request is still running when the next one arrives
+    model = make_tiny_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=1024,
+                                 num_hidden_layers=8, max_position_embeddings=512)  # fmt: skip
+    args = ["--model", str(model), "--max-model-len", "512", "--num-kv-blocks", "64",
+            "--api-key", "sesame", "--max-queue-len", "0", "--max-num-seqs", "1",
+            "--served-model-name", "tiny"]  # fmt: skip
     process, base = start_server(args, tmp_path / "server.log")
     try:
         with pytest.raises(openai.AuthenticationError):
@@ -246,18 +249,23 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
         api = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
         assert len(api.models.list().data) == 1
         assert httpx.get(f"{base}/health").status_code == 200  # no key needed
-        body = {"prompt": [4] * 10, "max_tokens": 60, "stream": True, "ignore_eos": True}
+        body = {"prompt": [4] * 10, "max_tokens": 400, "stream": True, "ignore_eos": True}
         headers = {"authorization": "Bearer sesame"}
         url = f"{base}/v1/completions"
         with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as first:
-            next(first.iter_lines())  # running: it holds the only seat
-            with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as second:
-                next(second.iter_lines(), None)
-                third = httpx.post(url, json=body, headers=headers, timeout=60)
-        assert third.status_code in (200, 429)  # the second may be waiting or running by now
-        if third.status_code == 429:
-            assert third.headers["retry-after"] == "1"
-            assert third.json()["error"]["type"] == "overloaded"
+            lines = first.iter_lines()  # keep it: dropping the iterator closes the stream
+            next(lines)  # running: it holds the only seat
+            second = httpx.post(url, json=body, headers=headers, timeout=60)  # would wait
+        assert second.status_code == 429
+        assert second.headers["retry-after"] == "1"
+        assert second.json()["error"]["type"] == "overloaded"
+        # the seat is free again once the server has seen the first client hang up
+        deadline, status = time.monotonic() + 10, 429
+        while status == 429 and time.monotonic() < deadline:
+            small = {"prompt": [1, 2], "max_tokens": 2}
+            status = httpx.post(url, json=small, headers=headers, timeout=60).status_code
+            time.sleep(0.05)
+        assert status == 200
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0  # SIGTERM: clean exit

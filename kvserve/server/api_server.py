@@ -16,6 +16,7 @@ Streaming is server-sent events, one chunk per engine step that produced text, t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -108,7 +109,9 @@ def build_app(
         first = await _first(stream)  # validation errors surface here, before any byte is sent
         if body.stream:
             return _sse(_completion_chunks(model_name, body, request_id, first, stream))
-        final = await _last(first, stream)
+        final = await _last_or_hang_up(request, first, stream)
+        if final is None:
+            return Response(status_code=499)  # nobody is listening
         choices = [
             {
                 "index": c.index,
@@ -124,21 +127,23 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         admit(request)
         _check_model(body.model, model_name)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        top = body.top_logprobs or 0
+        params = body.sampling_params(max_tokens, max(top, 1) if body.logprobs else None)
         if not body.messages:
             raise ValueError("messages: must contain at least one message")
         if engine.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer; use /v1/completions")
         conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
         prompt_ids = apply_chat_template(engine.tokenizer, conversation)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top = body.top_logprobs or 0
-        params = body.sampling_params(max_tokens, max(top, 1) if body.logprobs else None)
         request_id = engine.new_request_id("chatcmpl")
         stream = metrics.track(engine.generate(request_id, prompt_ids, params))
         first = await _first(stream)
         if body.stream:
             return _sse(_chat_chunks(model_name, body, request_id, first, stream))
-        final = await _last(first, stream)
+        final = await _last_or_hang_up(request, first, stream)
+        if final is None:
+            return Response(status_code=499)  # nobody is listening
         choices = [
             {
                 "index": c.index,
@@ -169,6 +174,22 @@ async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> R
     async for output in stream:
         last = output
     return last
+
+
+async def _last_or_hang_up(
+    request: Request, first: RequestOutput, stream: AsyncIterator[RequestOutput]
+) -> RequestOutput | None:
+    """The final output, or None if the client hung up first (the request is then aborted:
+    cancelling the consumer closes the engine stream, which frees its blocks)."""
+    task = asyncio.ensure_future(_last(first, stream))
+    while not task.done():
+        await asyncio.wait({task}, timeout=0.25)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return None
+    return task.result()
 
 
 def _response(

@@ -266,6 +266,71 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
             status = httpx.post(url, json=small, headers=headers, timeout=60).status_code
             time.sleep(0.05)
         assert status == 200
+        # a non-streamed request whose client gives up is aborted, not run to the end
+        long = {"prompt": [4] * 10, "max_tokens": 400, "ignore_eos": True}
+        start = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(url, json=long, headers=headers, timeout=0.5)
+        while metric(base, "num_requests_running") > 0 and time.monotonic() - start < 30:
+            time.sleep(0.05)
+        assert metric(base, "kv_cache_usage_perc") == 0.0
+        assert time.monotonic() - start < 2.5  # the whole request takes several seconds
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0  # SIGTERM: clean exit
+
+
+def test_load_200_requests_32_at_once_a_third_cancelled(tiny_server: str) -> None:
+    """All uncancelled requests complete whole; afterwards no KV block is held."""
+    import asyncio
+
+    async def one(http: httpx.AsyncClient, index: int, seats: asyncio.Semaphore) -> str:
+        body = {"prompt": [3 + index % 50, 7, 11 + index % 13], "max_tokens": 12,
+                "ignore_eos": True, "temperature": 0.8, "seed": index, "stream": True,
+                "stream_options": {"include_usage": True}}  # fmt: skip
+        async with seats, http.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            frames = []
+            async for line in reply.aiter_lines():
+                if not line:
+                    continue
+                frames.append(line)
+                if index % 3 == 0 and len(frames) == 2:
+                    return "cancelled"  # leaving the block hangs up mid-stream
+        assert frames[-1] == "data: [DONE]"
+        usage = json.loads(frames[-2].removeprefix("data: "))["usage"]
+        assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == 3
+        return "done"
+
+    async def load() -> list[str]:
+        seats = asyncio.Semaphore(32)
+        async with httpx.AsyncClient(base_url=tiny_server, timeout=120) as http:
+            return await asyncio.gather(*(one(http, i, seats) for i in range(200)))
+
+    results = asyncio.run(load())
+    assert results.count("done") == 133 and results.count("cancelled") == 67
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (
+        metric(tiny_server, "kv_cache_usage_perc") > 0
+        or metric(tiny_server, "num_requests_running") > 0
+    ):
+        time.sleep(0.1)
+    assert metric(tiny_server, "kv_cache_usage_perc") == 0.0
+    assert metric(tiny_server, "num_requests_running") == 0
+    assert metric(tiny_server, "num_requests_waiting") == 0
+    assert httpx.get(f"{tiny_server}/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": "hi"}, "messages"),
+        ({"messages": [{"content": "no role"}]}, "messages.0.role"),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
+    ],
+)
+def test_bad_chat_requests_are_400(tiny_server: str, body: dict[str, Any], param: str) -> None:
+    reply = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=30)
+    assert reply.status_code == 400, reply.text
+    assert reply.json()["error"]["param"] == param

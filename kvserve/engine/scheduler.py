@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from kvserve.engine.forks import PendingForks
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
@@ -69,8 +70,7 @@ class Scheduler:
         self.num_computed_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._finished_ids: list[str] = []
-        # parent request id -> samples that fork from it once it reaches the fork point
-        self._pending_forks: dict[str, list[Request]] = {}
+        self._pending_forks = PendingForks()
         # Requests not to schedule for now (beam search holds a beam until its group moves
         # on); they keep their blocks and may still be preempted.
         self.held: set[str] = set()
@@ -98,7 +98,7 @@ class Scheduler:
         self.add_request(parent)
         for child in children:
             self.requests[child.request_id] = child
-        self._pending_forks[parent.request_id] = list(children)
+        self._pending_forks.add(parent, children)
 
     def fork_request(self, parent_id: str, child_id: str, last_token_id: int) -> Request:
         """A copy of a request that shares all its blocks (beam search).
@@ -147,7 +147,7 @@ class Scheduler:
                 continue
             if request.status == RequestStatus.RUNNING:
                 self.running.remove(request)
-            elif not self._remove_pending_fork(request):
+            elif not self._pending_forks.remove(request):
                 self.waiting.remove(request)
             self._finish(request, status)
 
@@ -195,7 +195,7 @@ class Scheduler:
             if request.request_id in self.held:
                 index += 1
                 continue
-            if self._at_fork_point(request):
+            if self._pending_forks.at_fork_point(request):
                 self._fork_pending(request, index + 1)
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new == 0:
@@ -219,12 +219,12 @@ class Scheduler:
                 break
             if request.request_id in self.held:
                 continue
-            group_size = 1 + len(self._pending_forks.get(request.request_id, ()))
+            group_size = self._pending_forks.group_size(request)
             if len(self.running) + group_size > self.config.max_num_seqs:
                 break
             hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_new = self._num_new_tokens(request, num_hit_tokens, budget)
-            at_fork_point = num_hit_tokens == self._fork_point(request)
+            at_fork_point = num_hit_tokens == self._pending_forks.fork_point(request)
             if num_new == 0 and not at_fork_point:
                 break
             if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
@@ -250,7 +250,7 @@ class Scheduler:
         a request runs whole or not at all this step. A parent whose samples have not forked
         yet stops at the fork point.
         """
-        fork_point = self._fork_point(request)
+        fork_point = self._pending_forks.fork_point(request)
         end = request.num_tokens if fork_point is None else fork_point
         num_new = end - num_computed
         if num_new <= budget:
@@ -278,22 +278,13 @@ class Scheduler:
 
     # ---- forks ---------------------------------------------------------------------------
 
-    def _fork_point(self, request: Request) -> int | None:
-        """Where a parent's samples fork (its last prompt token), None if none are pending."""
-        if request.request_id not in self._pending_forks:
-            return None
-        return request.num_prompt_tokens - 1
-
-    def _at_fork_point(self, request: Request) -> bool:
-        return request.num_computed_tokens == self._fork_point(request)
-
     def _fork_pending(self, parent: Request, position: int) -> None:
         """Fork the parent's waiting samples into `running` right after the parent.
 
         They are scheduled in this same step: the blocks they share hold tokens computed in
         earlier steps only, so copy-on-write copies finished K/V.
         """
-        children = self._pending_forks.pop(parent.request_id)
+        children = self._pending_forks.take(parent.request_id)
         for child in children:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
@@ -305,16 +296,6 @@ class Scheduler:
         self.kv_cache_manager.fork(parent, child)
         child.status = RequestStatus.RUNNING
         self.requests[child.request_id] = child
-
-    def _remove_pending_fork(self, request: Request) -> bool:
-        """Drop a sample that has not forked yet; False if it is not one."""
-        for parent_id, children in self._pending_forks.items():
-            if request in children:
-                children.remove(request)
-                if not children:
-                    del self._pending_forks[parent_id]
-                return True
-        return False
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
@@ -371,7 +352,7 @@ class Scheduler:
     def _finish(self, request: Request, status: RequestStatus) -> None:
         self.held.discard(request.request_id)
         # A parent that ends before its samples forked leaves them to run on their own.
-        for child in reversed(self._pending_forks.pop(request.request_id, [])):
+        for child in reversed(self._pending_forks.take(request.request_id)):
             self.waiting.appendleft(child)
         request.status = status
         self.kv_cache_manager.free(request)
@@ -382,12 +363,12 @@ class Scheduler:
         """Request lists agree with each other and with the KV cache manager."""
         running_ids = {r.request_id for r in self.running}
         waiting_ids = {r.request_id for r in self.waiting}
-        pending_ids = {c.request_id for cs in self._pending_forks.values() for c in cs}
+        pending_ids = self._pending_forks.child_ids()
         if running_ids & waiting_ids:
             raise AssertionError(f"requests both running and waiting: {running_ids & waiting_ids}")
         if pending_ids & (running_ids | waiting_ids):
             raise AssertionError(f"forks both pending and queued: {pending_ids}")
-        if not set(self._pending_forks) <= running_ids | waiting_ids:
+        if not self._pending_forks.parent_ids() <= running_ids | waiting_ids:
             raise AssertionError("a pending fork's parent is neither running nor waiting")
         if running_ids | waiting_ids | pending_ids != set(self.requests):
             raise AssertionError("scheduler request map disagrees with its queues")

@@ -49,13 +49,17 @@ class LLM:
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
+        requests = []  # tokenized once: (text, token ids, cache salt)
         for prompt, params in zip(prompt_list, params_list, strict=True):
-            _, token_ids = self.engine.tokenize(prompt)
+            text, token_ids = self.engine.tokenize(prompt)
             self.engine.validate(token_ids, params)
-            check_cache_salt(prompt.get("cache_salt") if isinstance(prompt, dict) else None)
-        request_ids = [str(next(self._ids)) for _ in prompt_list]
-        for request_id, prompt, params in zip(request_ids, prompt_list, params_list, strict=True):
             salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+            check_cache_salt(salt)
+            requests.append(({"prompt": text, "prompt_token_ids": token_ids}, salt))
+        request_ids = [str(next(self._ids)) for _ in prompt_list]
+        for request_id, (prompt, salt), params in zip(
+            request_ids, requests, params_list, strict=True
+        ):
             self.engine.add_request(request_id, prompt, params, cache_salt=salt)
         return self._run(request_ids, use_tqdm)
 

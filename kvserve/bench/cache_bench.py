@@ -67,14 +67,6 @@ def _llm(args: argparse.Namespace, **overrides: Any) -> Any:
     return LLM(**dataclasses.asdict(config))
 
 
-def _vocab(llm: Any) -> tuple[int, frozenset[int]]:
-    tokenizer = llm.tokenizer
-    vocab_size = llm.engine.model_config.vocab_size
-    if tokenizer is None:
-        return vocab_size, frozenset()
-    return min(vocab_size, len(tokenizer)), frozenset(tokenizer.all_special_ids)
-
-
 def _greedy(max_tokens: int) -> Any:
     from kvserve.sampling_params import SamplingParams
 
@@ -92,7 +84,7 @@ def _warm(llm: Any, vocab: tuple[int, frozenset[int]]) -> None:
 
 def run_prefix(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
     llms = {caching: _llm(args, enable_prefix_caching=caching) for caching in (True, False)}
-    vocab = _vocab(llms[True])
+    vocab = wl.token_space(llms[True])
     for llm in llms.values():  # first calls pay one-time costs; keep them out of the timings
         _warm(llm, vocab)
     seed = args.seed if args.seed is not None else 0
@@ -212,7 +204,7 @@ def run_memory(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
     for mode in ("paged", "contiguous"):
         _check_load(args, monitor, results, f"memory {mode}")
         llm = _llm(args, cache_mode=mode, enable_prefix_caching=False)
-        _warm(llm, _vocab(llm))
+        _warm(llm, wl.token_space(llm))
         results[mode] = occupancy(llm, input_lens, output_lens, seed)
         del llm
     results["concurrency_ratio"] = (
@@ -230,7 +222,7 @@ def occupancy(llm: Any, input_lens: list[int], output_lens: list[int], seed: int
     """Run the whole workload at once; sample KV occupancy after every engine step."""
     engine = llm.engine
     manager = engine.kv_cache_manager
-    vocab_size, exclude = _vocab(llm)
+    vocab_size, exclude = wl.token_space(llm)
     prompts = wl.random_prompts(input_lens, vocab_size, f"memory:{seed}", exclude)
     for index, (prompt, out_len) in enumerate(zip(prompts, output_lens, strict=True)):
         engine.add_request(f"m{index}", {"prompt_token_ids": prompt}, _greedy(out_len))
@@ -272,7 +264,7 @@ def decode_vs_context(args: argparse.Namespace, seed: int) -> list[Record]:
         mode: _llm(args, cache_mode=mode, compile=False, max_model_len=max_model_len)
         for mode in ("paged", "none")
     }
-    vocab_size, exclude = _vocab(llms["paged"])
+    vocab_size, exclude = wl.token_space(llms["paged"])
     for llm in llms.values():  # warm up
         time_kvserve_decode(llm, wl.random_token_ids(16, vocab_size, "warm", exclude), 4)
     for length in lengths:

@@ -28,6 +28,7 @@ from typing import Any
 
 from kvserve.bench import cache_bench, plots
 from kvserve.bench import workloads as wl
+from kvserve.kv import sizing
 
 Record = dict[str, Any]
 DecodeFn = Callable[[Sequence[int], int], tuple[wl.DecodeTiming, list[int]]]
@@ -106,7 +107,7 @@ class _Bench:
 
             self.hf_model = load_hf_model(self.llm.engine.model_path)
         self.seed = args.seed if args.seed is not None else 0
-        self.vocab_size, self.exclude = _token_space(self.llm)
+        self.vocab_size, self.exclude = wl.token_space(self.llm)
         self.load_samples: list[Record] = []
 
     def prompts(self, lengths: Sequence[int], key: str) -> list[list[int]]:
@@ -238,9 +239,15 @@ def kv_bytes_per_token(llm: Any) -> Record:
     measured = sum(k.nbytes + v.nbytes for k, v in caches) / num_slots if num_slots else 0.0
     dtype_bytes = caches[0][0].element_size() if caches else 0
     formula = (
-        2 * model_config.num_hidden_layers * model_config.num_key_value_heads
-        * model_config.head_dim * dtype_bytes
-    )  # fmt: skip
+        sizing.kv_bytes_per_token(
+            model_config.num_hidden_layers,
+            model_config.num_key_value_heads,
+            model_config.head_dim,
+            dtype_bytes,
+        )
+        if caches
+        else 0
+    )
     return {
         "measured": measured,
         "formula": formula,
@@ -322,12 +329,3 @@ def machine_info() -> Record:
         "python_version": platform.python_version(),
         "platform": platform.platform(),
     }
-
-
-def _token_space(llm: Any) -> tuple[int, frozenset[int]]:
-    """Token ids a random prompt may use: the vocabulary without special tokens."""
-    vocab_size = llm.engine.model_config.vocab_size
-    tokenizer = llm.tokenizer
-    if tokenizer is None:
-        return vocab_size, frozenset()
-    return min(vocab_size, len(tokenizer)), frozenset(tokenizer.all_special_ids)

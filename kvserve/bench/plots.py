@@ -28,11 +28,7 @@ NO_CACHE_COLUMNS: dict[str, str] = {
 
 def plot_no_cache(rows: Sequence[Mapping[str, float]], path: str, title: str) -> None:
     """Batch-1 decode tok/s against prompt length, with and without a KV cache (log y)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     lengths = [row["prompt_len"] for row in rows]
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     for key, label, style in NO_CACHE_SERIES:

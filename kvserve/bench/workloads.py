@@ -32,6 +32,15 @@ def prompt_lengths(num_prompts: int, min_len: int, max_len: int, seed: int) -> l
     return [rng.randint(min_len, max_len) for _ in range(num_prompts)]
 
 
+def token_space(llm: Any) -> tuple[int, frozenset[int]]:
+    """Token ids a random prompt may use for an `LLM`: its vocabulary without special tokens."""
+    vocab_size = llm.engine.model_config.vocab_size
+    tokenizer = llm.tokenizer
+    if tokenizer is None:
+        return vocab_size, frozenset()
+    return min(vocab_size, len(tokenizer)), frozenset(tokenizer.all_special_ids)
+
+
 def loguniform_lengths(num: int, min_len: int, max_len: int, seed: int) -> list[int]:
     """`num` lengths log-uniform in [min_len, max_len] (as many in 64-128 as in 512-1024),
     fixed by `seed`: the skew toward short requests of real chat traffic."""

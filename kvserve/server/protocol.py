@@ -8,7 +8,7 @@ field; the server turns it into a 400.
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -163,6 +163,3 @@ def _token_text(tokenizer: Any, token_id: int) -> str:
 
 def now() -> int:
     return int(time.time())
-
-
-FinishReason = Literal["stop", "length", "abort"] | None

@@ -268,13 +268,15 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
         assert status == 200
         # a non-streamed request whose client gives up is aborted, not run to the end
         long = {"prompt": [4] * 10, "max_tokens": 400, "ignore_eos": True}
+        generated = metric(base, "generation_tokens_total")
         start = time.monotonic()
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(url, json=long, headers=headers, timeout=0.5)
         while metric(base, "num_requests_running") > 0 and time.monotonic() - start < 30:
             time.sleep(0.05)
         assert metric(base, "kv_cache_usage_perc") == 0.0
-        assert time.monotonic() - start < 2.5  # the whole request takes several seconds
+        # aborted part way: it never produced its 400 tokens (a slower machine only helps)
+        assert metric(base, "generation_tokens_total") - generated < 400
     finally:
         process.terminate()
         assert process.wait(timeout=60) == 0  # SIGTERM: clean exit

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from kvserve.kv.kv_cache import KVCaches
-from kvserve.model.attention import AttentionMetadata, attention_step
+from kvserve.model.attention import AttentionMetadata, attention_step, fused_decode_attention
 from kvserve.model.layers import CausalLM
 
 logger = logging.getLogger("kvserve")
@@ -93,6 +93,7 @@ class CompiledDecode:
             slot_mapping=empty,
             block_tables=torch.zeros((0, 1), dtype=torch.long, device=device),  # (0, 1)
             block_size=block_size,
+            fused_decode=True,
         )
         for size in self.sizes:
             start = time.perf_counter()
@@ -107,6 +108,25 @@ class CompiledDecode:
                 self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"
                 self.run(empty, empty, md, kv_caches, bucket=size)
             logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
+        start = time.perf_counter()
+        self._warm_fused_attention(kv_caches, device)
+        logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
+
+    def _warm_fused_attention(self, kv_caches: KVCaches, device: torch.device) -> None:
+        """Compile the fused decode attention for each shape class it specializes on.
+
+        Dynamic shapes still specialize sizes 0 and 1: a group of one seq, or of seqs in one
+        block, is its own compiled variant. Built here on the null block, not at a request.
+        """
+        config = self.model.config
+        k_cache, v_cache = kv_caches[0]
+        dtype = self.model.output_embedding().dtype
+        for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):
+            q = torch.zeros(rows, config.num_attention_heads, config.head_dim, dtype=dtype)
+            block_ids = torch.zeros((rows, blocks), dtype=torch.long, device=device)
+            mask = torch.ones((rows, blocks * k_cache.shape[1]), dtype=torch.bool, device=device)
+            scale = config.head_dim**-0.5  # the models' scale: a float is a guarded constant
+            fused_decode_attention(q.to(device), k_cache, v_cache, block_ids, mask, scale)
 
 
 class _DecodeLogits(nn.Module):
@@ -141,4 +161,5 @@ def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:
             [md.block_tables, torch.zeros((pad, width), dtype=torch.long, device=device)]
         ),  # (bucket, max_blocks)
         block_size=md.block_size,
+        fused_decode=md.fused_decode,
     )

@@ -119,6 +119,7 @@ class ModelRunner:
             slot_mapping=self._slot_mapping(scheduled),
             block_tables=self._block_tables(scheduled),
             block_size=self.block_size,
+            fused_decode=self.compiled is not None,
         )
         return StepInputs(
             input_ids=self._tensor(input_ids),  # (num_tokens,)

@@ -37,8 +37,19 @@ def allocate_kv_caches(
     device: torch.device,
 ) -> KVCaches:
     """Zero-filled caches: attention may read (masked) slots that were never written, and
-    zeros keep those reads finite."""
+    zeros keep those reads finite.
+
+    Inference tensors (made under `torch.inference_mode`): only ever written inside it, and
+    with no autograd view tracking, so a compiled kernel sees them alike from every caller.
+    """
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    with torch.inference_mode():
+        return _zero_caches(num_layers, shape, dtype, device)
+
+
+def _zero_caches(
+    num_layers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> KVCaches:
     return [
         (
             torch.zeros(shape, dtype=dtype, device=device),  # (num_blocks, block_size, kvh, hd)

@@ -23,7 +23,7 @@ Everything derived from the metadata (masks, block indices) is built once per st
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -45,6 +45,7 @@ class AttentionMetadata:
     slot_mapping: Tensor | None  # (num_tokens,) int64 cache slot of each new token
     block_tables: Tensor | None  # (num_seqs, max_blocks_per_seq) int64, padded with 0
     block_size: int
+    fused_decode: bool = False  # decode attention through the compiled kernel (see below)
 
     @property
     def num_seqs(self) -> int:
@@ -69,6 +70,7 @@ class DecodePlan(NamedTuple):
 
     num_decodes: int
     groups: list[DecodeGroup]
+    fused: bool  # attend with `fused_decode_attention` instead of gather + SDPA
 
 
 DECODE_GROUP_RATIO = 0.9
@@ -124,12 +126,13 @@ def _plan_decodes(md: AttentionMetadata, window: int | None, device: torch.devic
         else:
             groups.append([row])
     if len(groups) == 1:
-        return DecodePlan(n, [_decode_group(md, list(range(n)), None, window, device)])
+        group = _decode_group(md, list(range(n)), None, window, device)
+        return DecodePlan(n, [group], md.fused_decode)
     plans = [
         _decode_group(md, rows, torch.tensor(rows, device=device), window, device)
         for rows in groups
     ]
-    return DecodePlan(n, plans)
+    return DecodePlan(n, plans, md.fused_decode)
 
 
 def _decode_group(
@@ -241,13 +244,14 @@ def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
     """q: (num_decodes, num_heads, head_dim) -> the same shape, one SDPA call per group."""
+    attend = _fused_group_attention if plan.fused else _decode_group_attention
     if len(plan.groups) == 1 and plan.groups[0].rows is None:
-        return _decode_group_attention(q, kv_cache, plan.groups[0], scale)
+        return attend(q, kv_cache, plan.groups[0], scale)
     out = torch.empty_like(q)  # (num_decodes, num_heads, head_dim)
     for group in plan.groups:
         assert group.rows is not None
         q_group = q.index_select(0, group.rows)  # (g, num_heads, head_dim)
-        out.index_copy_(0, group.rows, _decode_group_attention(q_group, kv_cache, group, scale))
+        out.index_copy_(0, group.rows, attend(q_group, kv_cache, group, scale))
     return out
 
 
@@ -255,8 +259,8 @@ def _decode_group_attention(
     q: Tensor, kv_cache: KVCache, group: DecodeGroup, scale: float
 ) -> Tensor:
     n = q.shape[0]
-    k = kv_cache[0][group.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
-    v = kv_cache[1][group.block_ids].to(q.dtype)  # (n, max_blocks, block_size, kv_heads, hd)
+    k = _gather_blocks(kv_cache[0], group.block_ids, q.dtype)  # (n, max_blocks, bs, kvh, hd)
+    v = _gather_blocks(kv_cache[1], group.block_ids, q.dtype)  # (n, max_blocks, bs, kvh, hd)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2),  # (n, num_heads, 1, head_dim)
         k.view(n, -1, *k.shape[3:]).transpose(1, 2),  # (n, kv_heads, max_keys, head_dim)
@@ -266,6 +270,92 @@ def _decode_group_attention(
         enable_gqa=True,
     )  # (n, num_heads, 1, head_dim)
     return out.squeeze(2)  # (n, num_heads, head_dim)
+
+
+def _gather_blocks(cache: Tensor, block_ids: Tensor, dtype: torch.dtype) -> Tensor:
+    """(n, m) block ids -> (n, m, block_size, kv_heads, head_dim) copies of those blocks.
+
+    `index_select` on the flattened ids is measurably faster here than advanced indexing.
+    """
+    blocks = cache.index_select(0, block_ids.reshape(-1))  # (n * m, block_size, kvh, hd)
+    return blocks.view(*block_ids.shape, *cache.shape[1:]).to(dtype)
+
+
+# ---- fused decode attention: read the blocks in place ------------------------------------
+#
+# Gather + SDPA moves every cached byte three times (read, write the copy, read the copy),
+# and a decode step is memory-bound: at 64 seqs of ~400 tokens it is two thirds of the step
+# (docs/benchmarks.md). Written as elementwise products and reductions, inductor fuses the
+# block lookup into the loops that consume it, so K and V are each read once, where they
+# lie. Compiled once with dynamic shapes (group size and block count vary every step), so it
+# needs the C++ toolchain that `--compile` needs and is used only with it.
+
+
+def _decode_reduction(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ids: Tensor, mask: Tensor, scale: float
+) -> Tensor:
+    n, num_blocks = block_ids.shape
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    num_keys = num_blocks * block_size
+    group = q.shape[1] // kv_heads  # query heads per KV head
+    k = k_cache[block_ids].view(n, num_keys, kv_heads, 1, head_dim).to(q.dtype)
+    v = v_cache[block_ids].view(n, num_keys, kv_heads, 1, head_dim).to(q.dtype)
+    q = q.view(n, 1, kv_heads, group, head_dim)
+    scores = (q * k).sum(-1) * scale  # (n, num_keys, kv_heads, group)
+    scores = scores.masked_fill(~mask.view(n, num_keys, 1, 1), float("-inf"))
+    probs = scores.softmax(1)  # (n, num_keys, kv_heads, group)
+    out = (probs.unsqueeze(-1) * v).sum(1)  # (n, kv_heads, group, head_dim)
+    return out.view(n, kv_heads * group, head_dim)
+
+
+_fused_reduction: Callable[..., Tensor] | None = None
+
+
+def fused_decode_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, block_ids: Tensor, mask: Tensor, scale: float
+) -> Tensor:
+    """Decode attention straight from the block cache, compiled on first use.
+
+    Args:
+        q: (n, num_heads, head_dim), one query token per seq.
+        k_cache, v_cache: (num_blocks, block_size, kv_heads, head_dim) one layer's cache.
+        block_ids: (n, m) each seq's blocks, padded.
+        mask: (n, m * block_size) bool, True = attend; every row attends to at least one key.
+        scale: softmax scale.
+
+    Returns:
+        (n, num_heads, head_dim).
+    """
+    global _fused_reduction
+    if _fused_reduction is None:
+        _fused_reduction = torch.compile(_decode_reduction)
+    # Only the seq and block counts vary; the model's shapes stay constants (all-dynamic
+    # shapes would also guard on chance equalities between them, such as n == num_heads).
+    for tensor in (q, block_ids, mask):
+        torch._dynamo.maybe_mark_dynamic(tensor, 0)
+    torch._dynamo.maybe_mark_dynamic(block_ids, 1)
+    torch._dynamo.maybe_mark_dynamic(mask, 1)
+    return _fused_reduction(q, k_cache, v_cache, block_ids, mask, scale)
+
+
+def _fused_group_attention(
+    q: Tensor, kv_cache: KVCache, group: DecodeGroup, scale: float
+) -> Tensor:
+    mask = group.mask.view(q.shape[0], -1)  # (n, max_keys): one rank for every call
+    block_ids = _dense(group.block_ids)  # (n, max_blocks); a slice of the block table
+    return fused_decode_attention(_dense(q), kv_cache[0], kv_cache[1], block_ids, mask, scale)
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    """`tensor` with row-major strides: the compiled kernel guards on strides, and
+    `contiguous()` keeps any stride on a dimension of size 1 (a one-seq slice)."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 # ---- torch.compile: attention as one opaque op --------------------------------------------

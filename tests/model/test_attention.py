@@ -36,7 +36,10 @@ def _reference(q, keys, values, window):  # one seq: (q_len, h, d), (k_len, kv, 
 
 @pytest.mark.parametrize("window", [None, 5])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
-def test_paged_attention_matches_reference(window: int | None, kv_dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "fused"])
+def test_paged_attention_matches_reference(
+    window: int | None, kv_dtype: torch.dtype, fused: bool
+) -> None:
     generator = torch.Generator().manual_seed(0)
     # two decodes (contexts 7 and 13), a chunk of 4 after 6 cached tokens, a whole prompt of 5
     num_cached, q_lens = [6, 12, 6, 0], [1, 1, 4, 5]
@@ -64,6 +67,7 @@ def test_paged_attention_matches_reference(window: int | None, kv_dtype: torch.d
         slot_mapping=torch.tensor(slots),
         block_tables=torch.tensor([t + [0] * (4 - len(t)) for t in tables]),
         block_size=BLOCK_SIZE,
+        fused_decode=fused,
     )
     new_kv = torch.cat(
         [kv[c:] for kv, c in zip(context, num_cached, strict=True)]
@@ -96,8 +100,13 @@ def test_without_cache_each_seq_attends_to_itself_only() -> None:
 
 
 @pytest.mark.parametrize("window", [None, 9])
-def test_decodes_grouped_by_length_match_the_reference(window: int | None) -> None:
-    """Contexts 3..60 tokens (1..15 blocks): several groups, rows come back in order."""
+@pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "fused"])
+def test_decodes_grouped_by_length_match_the_reference(window: int | None, fused: bool) -> None:
+    """Contexts 3..60 tokens (1..15 blocks): several groups, rows come back in order.
+
+    Fused, the groups have 1 or more rows and 1 or more blocks: every shape class the
+    dynamically compiled kernel specializes on.
+    """
     generator = torch.Generator().manual_seed(1)
     seq_lens = [60, 3, 33, 58, 17, 9, 41, 26]
     num_blocks = [-(-n // BLOCK_SIZE) for n in seq_lens]
@@ -126,6 +135,7 @@ def test_decodes_grouped_by_length_match_the_reference(window: int | None) -> No
         ),  # fmt: skip
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         block_size=BLOCK_SIZE,
+        fused_decode=fused,
     )
     plan = plan_attention(md, window, cached=True, device=torch.device("cpu"))
     assert plan.decode is not None and len(plan.decode.groups) > 2

@@ -34,7 +34,7 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check kvserve tests
 	$(VENV)/bin/ruff format --check kvserve tests
-	$(VENV)/bin/mypy kvserve/kv kvserve/engine kvserve/server
+	$(VENV)/bin/mypy kvserve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

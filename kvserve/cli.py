@@ -146,14 +146,15 @@ def _stream_to_stdout(llm: Any, prompt: Any, params: SamplingParams) -> str:
     completion = output.outputs[0]
     num_tokens = len(completion.token_ids)
     total_blocks = llm.engine.kv_cache_manager.num_blocks
-    print(completion.text[len(printed) :])
+    final: str = completion.text
+    print(final[len(printed) :])
     print(
         f"[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s; "
         f"prompt {len(output.prompt_token_ids)} tokens ({output.num_cached_tokens} cached); "
         f"KV blocks used: {peak_blocks} of {total_blocks}; finish: {completion.finish_reason}]",
         file=sys.stderr,
     )
-    return completion.text
+    return final
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -209,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
 
-    bench = commands.add_parser("bench", help="benchmarks (latency, throughput, prefix, memory)")
+    bench = commands.add_parser(
+        "bench", help="benchmarks (latency, throughput, prefix, memory, serve)"
+    )
     from kvserve.bench import offline
 
     offline.add_subcommands(bench, add_engine_args)

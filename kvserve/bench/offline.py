@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from kvserve.bench import cache_bench, plots
+from kvserve.bench import cache_bench, plots, serve_bench
 from kvserve.bench import workloads as wl
 from kvserve.kv import sizing
 
@@ -64,6 +64,7 @@ def add_subcommands(
         parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
         add_engine_args(parser)
     cache_bench.add_subcommands(commands, add_engine_args)
+    serve_bench.add_subcommand(commands)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,9 +74,10 @@ def main(args: argparse.Namespace) -> int:
         "throughput": run_throughput,
         "prefix": cache_bench.run_prefix,
         "memory": cache_bench.run_memory,
+        "serve": serve_bench.main,
     }
     record = runs[args.bench_command](args, monitor)
-    if "benchmark" not in record:  # prefix, memory: results only
+    if "benchmark" not in record:  # prefix, memory, serve: results only
         record = {
             "benchmark": args.bench_command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

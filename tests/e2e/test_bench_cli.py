@@ -80,3 +80,59 @@ def test_bench_memory_paged_wastes_under_a_block(tiny: str, tmp_path: Path) -> N
     assert results["paged"]["peak_running"] > results["contiguous"]["peak_running"]
     assert len(results["decode_vs_context"]) == 2
     assert (tmp_path / "m_decode.png").stat().st_size > 0
+
+
+def test_bench_serve_launches_each_config_and_replays_a_trace(tiny: str, tmp_path: Path) -> None:
+    """Two servers (prefix caching on, off) replay one trace whose requests share blocks."""
+    trace = tmp_path / "trace.jsonl"
+    chains = [[0, 1, 2], [0, 1, 3], [0, 1, 2, 4], [5], [0, 1, 2, 4, 6]]  # ids of 512 tokens
+    trace.write_text("".join(
+        json.dumps({"timestamp": 200 * i, "input_length": 512 * len(ids) - 100,
+                    "output_length": 128, "hash_ids": ids}) + "\n"
+        for i, ids in enumerate(chains)
+    ))  # fmt: skip
+    server = f"--model {tiny} --max-model-len 256 --num-kv-blocks 64"
+    record = run_bench(
+        ["serve", "--launch", server, "--launch", f"{server} --no-enable-prefix-caching",
+         "--label", "cache on", "--label", "cache off", "--vocab-size", "200",
+         "--trace", str(trace), "--scale", "0.03125", "--time-scale", "1", "--slo-ttft-ms", "60000",
+         "--plot", str(tmp_path / "serve.png"), "--no-progress"],
+        tmp_path,
+    )  # fmt: skip
+    on, off = record["results"]["runs"]
+    assert on["workload"]["num_requests"] == 5 and on["workload"]["block_tokens"] == 16
+    for run in (on, off):
+        metrics = run["metrics"]
+        assert metrics["completed"] == 5 and metrics["failed"] == 0
+        assert metrics["total_output_tokens"] == 5 * 4  # 128 / 32 each, ignore_eos
+        assert metrics["total_input_tokens"] == sum(16 * len(ids) - 3 for ids in chains)
+        assert metrics["good_requests"] == 5
+    # Prompts are 16 tokens per id minus 3 in the last (partial) block, and only full blocks
+    # are cached: the 2nd request reuses ids 0 1 of the 1st, the 3rd 0 1 (the 1st's block 2
+    # is partial), the 5th 0 1 2 of the 3rd. 200 ms apart, each is done before the next.
+    assert on["metrics"]["total_cached_tokens"] == 16 * (2 + 2 + 3)
+    assert off["metrics"]["total_cached_tokens"] == 0
+    assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_bench_serve_tags_long_prompts_among_decodes(tiny: str, tmp_path: Path) -> None:
+    server = f"--model {tiny} --max-model-len 512 --num-kv-blocks 128"
+    record = run_bench(
+        ["serve", "--launch", server, "--vocab-size", "200", "--num-prompts", "4",
+         "--input-len", "8", "--output-len", "30", "--num-long-prompts", "2",
+         "--long-input-len", "300", "--long-prompt-start", "0.05", "--long-prompt-interval",
+         "0.05", "--no-progress"],
+        tmp_path,
+    )  # fmt: skip
+    metrics = record["results"]["runs"][0]["metrics"]
+    assert metrics["completed"] == 6
+    assert metrics["by_tag"]["random"]["total_output_tokens"] == 4 * 30
+    assert metrics["by_tag"]["long"]["total_input_tokens"] == 2 * 300
+    assert metrics["by_tag"]["random"]["p99_itl_ms"] > 0
+
+
+def test_bench_serve_rejects_both_or_neither_server(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    assert main(["bench", "serve", "--vocab-size", "10", "--output-json", str(out)]) == 2
+    assert main(["bench", "serve", "--vocab-size", "10", "--base-url", "http://x",
+                 "--launch", "", "--output-json", str(out)]) == 2  # fmt: skip

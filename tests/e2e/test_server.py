@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,40 +12,9 @@ import httpx
 import openai
 import pytest
 
+from kvserve.bench.server_process import ServerProcess
+
 TINY_NAME = "tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(args: list[str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    command = [sys.executable, "-m", "kvserve", "serve", "--port", str(port), *args]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return process, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"server did not start: {log.read_text()[-2000:]}")
-
-
-def stop_server(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +25,8 @@ def tiny_server(
     model = make_tiny_checkpoint("llama", root)
     args = ["--model", str(model), "--served-model-name", TINY_NAME, "--max-model-len", "128",
             "--num-kv-blocks", "64"]  # fmt: skip
-    process, base = start_server(args, root / "server.log")
-    yield base
-    stop_server(process)
+    with ServerProcess(args, root / "server.log") as server:
+        yield server.base_url
 
 
 def client(base: str) -> openai.OpenAI:
@@ -173,9 +137,8 @@ def test_disconnect_mid_stream_frees_the_blocks(tiny_server: str) -> None:
 
 @pytest.mark.slow
 def test_chat_on_the_default_model(tmp_path: Path) -> None:
-    process, base = start_server(["--max-model-len", "512"], tmp_path / "server.log")
-    try:
-        api = client(base)
+    with ServerProcess(["--max-model-len", "512"], tmp_path / "server.log") as server:
+        api = client(server.base_url)
         (name,) = [m.id for m in api.models.list().data]
         assert name == "SmolLM2-135M-Instruct"
         messages: list[Any] = [{"role": "user", "content": "Say hello in one word."}]
@@ -198,8 +161,6 @@ def test_chat_on_the_default_model(tmp_path: Path) -> None:
             model=name, messages=messages, max_tokens=12, temperature=0, stop=[text[-2:]]
         )
         assert not (stopped.choices[0].message.content or "").endswith(text[-2:])
-    finally:
-        stop_server(process)
 
 
 def metric(base: str, name: str) -> float:
@@ -242,7 +203,8 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
     args = ["--model", str(model), "--max-model-len", "512", "--num-kv-blocks", "64",
             "--api-key", "sesame", "--max-queue-len", "0", "--max-num-seqs", "1",
             "--served-model-name", "tiny"]  # fmt: skip
-    process, base = start_server(args, tmp_path / "server.log")
+    server = ServerProcess(args, tmp_path / "server.log")
+    base = server.start()
     try:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
@@ -278,8 +240,7 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
         # aborted part way: it never produced its 400 tokens (a slower machine only helps)
         assert metric(base, "generation_tokens_total") - generated < 400
     finally:
-        process.terminate()
-        assert process.wait(timeout=60) == 0  # SIGTERM: clean exit
+        assert server.stop() == 0  # SIGTERM: clean exit
 
 
 def test_load_200_requests_32_at_once_a_third_cancelled(tiny_server: str) -> None:

@@ -1,0 +1,517 @@
+"""`kvserve bench serve`: an async client that replays a workload against an OpenAI server.
+
+Each request is a streamed `/v1/completions` call with a token-id prompt, greedy,
+`ignore_eos` (so it produces exactly `max_tokens`) and `stream_options.include_usage`.
+Every request is sent at its arrival time whether or not earlier ones have finished
+(open loop, like vLLM's `benchmark_serving`); `--max-concurrency` caps requests in flight.
+
+    request:   sent -------- ttft --------> chunk 1 -- itl --> chunk 2 ... chunk n = done
+    tpot = (e2el - ttft) / (output_tokens - 1);   goodput = requests/s meeting every SLO
+
+The server is either running already (`--base-url`) or started by the bench, once per
+`--launch "SERVER ARGS"` (repeatable): the same workload then runs against each
+configuration in turn, and the table gives each run's metrics and its ratio to the first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import shlex
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import httpx
+
+from kvserve.bench import serve_workload as sw
+from kvserve.bench.server_process import ServerProcess
+from kvserve.bench.workloads import percentile, summarize
+from kvserve.trace.records import TraceReader
+
+# Metrics shown in the comparison table, in order.
+TABLE_METRICS: tuple[str, ...] = (
+    "completed", "failed", "request_throughput", "output_throughput", "mean_ttft_ms",
+    "median_ttft_ms", "p99_ttft_ms", "mean_tpot_ms", "p99_tpot_ms", "mean_itl_ms",
+    "median_itl_ms", "p99_itl_ms", "mean_e2el_ms", "cached_token_ratio", "goodput",
+)  # fmt: skip
+
+
+class RequestResult(NamedTuple):
+    """One request as the client saw it; times in seconds from the start of the run."""
+
+    tag: str
+    sent_s: float
+    ok: bool
+    error: str
+    prompt_tokens: int
+    output_tokens: int
+    cached_tokens: int
+    chunk_times: list[float]  # arrival of each streamed chunk that carried a token
+
+    @property
+    def ttft_s(self) -> float:
+        return self.chunk_times[0] - self.sent_s
+
+    @property
+    def e2el_s(self) -> float:
+        return self.chunk_times[-1] - self.sent_s
+
+    @property
+    def itls_s(self) -> list[float]:
+        times = self.chunk_times
+        return [b - a for a, b in zip(times, times[1:], strict=False)]
+
+    @property
+    def tpot_s(self) -> float | None:
+        if self.output_tokens < 2:
+            return None
+        return (self.e2el_s - self.ttft_s) / (self.output_tokens - 1)
+
+
+# ---- the client ---------------------------------------------------------------------------
+
+
+async def send_request(
+    client: httpx.AsyncClient, base_url: str, model: str, request: sw.BenchRequest, start: float
+) -> RequestResult:
+    """Stream one completion; failures become a result with `ok=False`, never an exception."""
+    body = {
+        "model": model,
+        "prompt": request.prompt_token_ids,
+        "max_tokens": request.max_tokens,
+        "temperature": 0.0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    sent = time.perf_counter() - start
+    chunk_times: list[float] = []
+    usage: dict[str, Any] = {}
+    try:
+        async with client.stream("POST", f"{base_url}/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                text = (await response.aread()).decode(errors="replace")
+                return _failed(request, sent, f"HTTP {response.status_code}: {text[:200]}")
+            async for line in response.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[len("data: ") :])
+                if chunk.get("choices"):
+                    chunk_times.append(time.perf_counter() - start)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+    except (httpx.HTTPError, json.JSONDecodeError) as error:
+        return _failed(request, sent, f"{type(error).__name__}: {error}")
+    if not chunk_times or not usage:
+        return _failed(request, sent, "stream ended without tokens or usage")
+    details = usage.get("prompt_tokens_details") or {}
+    return RequestResult(
+        request.tag, sent, True, "", int(usage["prompt_tokens"]),
+        int(usage["completion_tokens"]), int(details.get("cached_tokens") or 0), chunk_times,
+    )  # fmt: skip
+
+
+def _failed(request: sw.BenchRequest, sent: float, error: str) -> RequestResult:
+    return RequestResult(request.tag, sent, False, error, len(request.prompt_token_ids), 0, 0, [])
+
+
+async def run_workload(
+    base_url: str,
+    model: str,
+    requests: Sequence[sw.BenchRequest],
+    max_concurrency: int | None = None,
+    progress: bool = False,
+) -> tuple[list[RequestResult], float]:
+    """Send every request at its arrival time; (results in request order, duration s)."""
+    limit = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    timeout = httpx.Timeout(None, connect=30.0)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    bar = _progress_bar(len(requests)) if progress else None
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        start = time.perf_counter()
+
+        async def one(request: sw.BenchRequest) -> RequestResult:
+            delay = request.arrival_s - (time.perf_counter() - start)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if limit is None:
+                result = await send_request(client, base_url, model, request, start)
+            else:
+                async with limit:
+                    result = await send_request(client, base_url, model, request, start)
+            if bar is not None:
+                bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(r) for r in requests))
+        duration = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    return list(results), duration
+
+
+def _progress_bar(total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="requests", unit="req")
+
+
+# ---- metrics ------------------------------------------------------------------------------
+
+
+def compute_metrics(
+    results: Sequence[RequestResult],
+    duration_s: float,
+    slo_ttft_ms: float | None = None,
+    slo_tpot_ms: float | None = None,
+) -> dict[str, Any]:
+    """vLLM bench's metrics over the successful requests, plus a breakdown per tag."""
+    metrics = _metrics(results, duration_s, slo_ttft_ms, slo_tpot_ms)
+    tags = sorted({r.tag for r in results})
+    if len(tags) > 1:
+        metrics["by_tag"] = {
+            tag: _metrics([r for r in results if r.tag == tag], duration_s, slo_ttft_ms,
+                          slo_tpot_ms)
+            for tag in tags
+        }  # fmt: skip
+    return metrics
+
+
+def _metrics(
+    results: Sequence[RequestResult],
+    duration_s: float,
+    slo_ttft_ms: float | None,
+    slo_tpot_ms: float | None,
+) -> dict[str, Any]:
+    done = [r for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
+    prompt = sum(r.prompt_tokens for r in done)
+    output = sum(r.output_tokens for r in done)
+    metrics: dict[str, Any] = {
+        "completed": len(done),
+        "failed": len(failed),
+        "duration_s": duration_s,
+        "total_input_tokens": prompt,
+        "total_output_tokens": output,
+        "total_cached_tokens": sum(r.cached_tokens for r in done),
+        "cached_token_ratio": sum(r.cached_tokens for r in done) / prompt if prompt else 0.0,
+        "request_throughput": len(done) / duration_s,
+        "output_throughput": output / duration_s,
+        "total_token_throughput": (prompt + output) / duration_s,
+    }
+    if failed:
+        metrics["first_errors"] = sorted({r.error for r in failed})[:5]
+    if not done:
+        return metrics
+    tpots = [t * 1e3 for r in done if (t := r.tpot_s) is not None]
+    itls = [gap * 1e3 for r in done for gap in r.itls_s]
+    metrics.update(summarize("ttft_ms", [r.ttft_s * 1e3 for r in done]))
+    metrics.update(summarize("tpot_ms", tpots or [math.nan]))
+    metrics.update(summarize("itl_ms", itls or [math.nan]))
+    metrics.update(summarize("e2el_ms", [r.e2el_s * 1e3 for r in done]))
+    metrics["p90_ttft_ms"] = percentile([r.ttft_s * 1e3 for r in done], 90.0)
+    metrics["p90_itl_ms"] = percentile(itls, 90.0) if itls else math.nan
+    if slo_ttft_ms is not None or slo_tpot_ms is not None:
+        good = [r for r in done if _meets_slo(r, slo_ttft_ms, slo_tpot_ms)]
+        metrics["good_requests"] = len(good)
+        metrics["goodput"] = len(good) / duration_s
+    return metrics
+
+
+def _meets_slo(result: RequestResult, slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> bool:
+    if slo_ttft_ms is not None and result.ttft_s * 1e3 > slo_ttft_ms:
+        return False
+    tpot = result.tpot_s
+    return slo_tpot_ms is None or tpot is None or tpot * 1e3 <= slo_tpot_ms
+
+
+# ---- command line -------------------------------------------------------------------------
+
+
+def add_subcommand(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="replay a workload against an OpenAI server")
+    target = serve.add_argument_group("server")
+    target.add_argument("--base-url", default=None, help="a running server (default: --launch)")
+    target.add_argument(
+        "--launch", action="append", default=None, metavar="ARGS",
+        help="start `kvserve serve ARGS` for a run (repeatable: one run per ARGS; '' = defaults)",
+    )  # fmt: skip
+    target.add_argument("--launch-timeout", type=float, default=900.0, help="s to start one")
+    target.add_argument("--model", default=None, help="model name to send (default: the served)")
+    target.add_argument("--vocab-size", type=int, default=None,
+                        help="random token ids below this (default: the default model's tokenizer"
+                             " without special tokens)")  # fmt: skip
+    work = serve.add_argument_group("workload (random unless --trace)")
+    work.add_argument("--num-prompts", type=int, default=100)
+    work.add_argument("--input-len", type=int, default=128)
+    work.add_argument("--output-len", type=int, default=64)
+    work.add_argument("--request-rate", type=float, default=math.inf, help="Poisson req/s")
+    work.add_argument(
+        "--num-long-prompts",
+        type=int,
+        default=0,
+        help="also send long prompts (tag 'long') among the random requests",
+    )
+    work.add_argument("--long-input-len", type=int, default=2048)
+    work.add_argument("--long-output-len", type=int, default=1)
+    work.add_argument("--long-prompt-start", type=float, default=2.0, help="s, first long one")
+    work.add_argument("--long-prompt-interval", type=float, default=4.0, help="s between them")
+    work.add_argument("--trace", default=None, help="Mooncake JSONL trace to replay")
+    work.add_argument(
+        "--scale",
+        type=float,
+        default=1 / 32,
+        help="trace: multiply lengths and arrival times by this (default 1/32)",
+    )
+    work.add_argument("--time-scale", type=float, default=None, help="trace: overrides --scale")
+    work.add_argument("--length-scale", type=float, default=None, help="trace: overrides --scale")
+    work.add_argument("--max-requests", type=int, default=None, help="trace: the first N")
+    work.add_argument("--skip-bad-lines", action="store_true", help="trace: skip and count")
+    work.add_argument("--seed", type=int, default=0)
+    out = serve.add_argument_group("measurement")
+    out.add_argument("--max-concurrency", type=int, default=None)
+    out.add_argument("--slo-ttft-ms", type=float, default=None)
+    out.add_argument("--slo-tpot-ms", type=float, default=None)
+    out.add_argument("--warmup-requests", type=int, default=2, help="untimed, before each run")
+    out.add_argument("--output-json", default=None)
+    out.add_argument("--plot", default=None, help="PNG: TTFT and ITL distributions per run")
+    out.add_argument("--label", action="append", default=None, help="a name per run")
+    out.add_argument("--no-progress", action="store_true")
+    out.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
+
+
+def main(args: argparse.Namespace, monitor: Any) -> dict[str, Any]:
+    """Run the workload once per server configuration; the JSON record's `results`."""
+    if (args.base_url is None) == (args.launch is None):
+        raise ValueError("base_url / launch: give exactly one (a running server, or ARGS)")
+    labels = args.label or (args.launch if args.launch is not None else [args.base_url])
+    runs_args: list[str | None] = list(args.launch) if args.launch is not None else [None]
+    if len(labels) != len(runs_args):
+        raise ValueError(f"label: {len(labels)} labels for {len(runs_args)} runs")
+    space = _token_space(args)
+    runs = []
+    for index, (label, launch) in enumerate(zip(labels, runs_args, strict=True)):
+        requests, workload = build_workload(args, space, _max_model_len_hint(args))
+        sample = monitor.wait_idle(args.wait_idle)
+        run = _one_run(args, launch, index, requests, space)
+        run.update(label=label, server_args=launch, workload=workload)
+        run["load_before"] = sample._asdict()
+        runs.append(run)
+        _print_run(label, run["metrics"])
+    if len(runs) > 1:
+        _print_comparison(runs)
+    if args.plot:
+        plot_runs(runs, args.plot)
+        print(f"wrote {args.plot}")
+    for run in runs:
+        run.pop("results_raw")
+    return {"runs": runs}
+
+
+def build_workload(
+    args: argparse.Namespace, space: sw.TokenSpace, max_model_len: int | None
+) -> tuple[list[sw.BenchRequest], dict[str, Any]]:
+    """The requests and a description of them for the record."""
+    if args.trace is not None:
+        time_scale = args.time_scale if args.time_scale is not None else args.scale
+        length_scale = args.length_scale if args.length_scale is not None else args.scale
+        replay = sw.TraceReplay(space, time_scale, length_scale, max_model_len, args.seed)
+        reader = TraceReader(args.trace, skip_bad_lines=args.skip_bad_lines)
+        requests = list(replay.requests(reader, args.max_requests))
+        if not requests:
+            raise ValueError(f"trace: no request of {args.trace} fits max_model_len")
+        info = {
+            "kind": "trace", "trace": Path(args.trace).name, "time_scale": time_scale,
+            "length_scale": length_scale, "block_tokens": replay.block_tokens,
+            "num_requests": len(requests), "dropped_too_long": replay.num_too_long,
+            "skipped_bad_lines": reader.num_skipped,
+            "span_s": requests[-1].arrival_s,
+        }  # fmt: skip
+        return requests, info
+    requests = sw.random_requests(
+        args.num_prompts, args.input_len, args.output_len, args.request_rate, space, args.seed
+    )
+    requests += sw.long_prompt_requests(
+        args.num_long_prompts, args.long_input_len, args.long_output_len,
+        args.long_prompt_start, args.long_prompt_interval, space, args.seed,
+    )  # fmt: skip
+    requests.sort(key=lambda r: r.arrival_s)
+    info = {
+        "kind": "random", "num_prompts": args.num_prompts, "input_len": args.input_len,
+        "output_len": args.output_len, "request_rate": args.request_rate,
+        "num_long_prompts": args.num_long_prompts, "long_input_len": args.long_input_len,
+    }  # fmt: skip
+    return requests, info
+
+
+def _one_run(
+    args: argparse.Namespace,
+    launch: str | None,
+    index: int,
+    requests: list[sw.BenchRequest],
+    space: sw.TokenSpace,
+) -> dict[str, Any]:
+    """One run against a running server, or against a server started for it (its output
+    goes to `<output-json stem>.server<index>.log`)."""
+    if launch is None:
+        return _measure(args, args.base_url, requests, space)
+    log = Path(args.output_json or "bench_serve").with_suffix(f".server{index}.log")
+    with ServerProcess(shlex.split(launch), log, args.launch_timeout) as server:
+        return _measure(args, server.base_url, requests, space)
+
+
+def _measure(
+    args: argparse.Namespace,
+    base_url: str,
+    requests: list[sw.BenchRequest],
+    space: sw.TokenSpace,
+) -> dict[str, Any]:
+    base_url = base_url.rstrip("/")
+    card = httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"][0]
+    model = args.model or card["id"]
+    max_len = card.get("max_model_len")
+    if max_len is not None:
+        too_long = [r for r in requests if len(r.prompt_token_ids) + r.max_tokens > max_len]
+        if too_long:
+            raise ValueError(
+                f"max_model_len: {len(too_long)} requests exceed the server's {max_len} tokens"
+            )
+    if args.warmup_requests:
+        warm = sw.random_requests(args.warmup_requests, 16, 4, math.inf, space, -1, "warmup")
+        asyncio.run(run_workload(base_url, model, warm))
+    results, duration = asyncio.run(
+        run_workload(base_url, model, requests, args.max_concurrency, not args.no_progress)
+    )
+    metrics = compute_metrics(results, duration, args.slo_ttft_ms, args.slo_tpot_ms)
+    server_metrics = httpx.get(f"{base_url}/metrics", timeout=30).text
+    return {
+        "base_url": base_url,
+        "model": model,
+        "metrics": metrics,
+        "server_prefix_cache": _prefix_cache_counters(server_metrics),
+        "results_raw": results,
+        "ttfts_ms": [r.ttft_s * 1e3 for r in results if r.ok],
+        "itls_ms": {
+            tag: [g * 1e3 for r in results if r.ok and r.tag == tag for g in r.itls_s]
+            for tag in sorted({r.tag for r in results})
+        },  # fmt: skip
+    }
+
+
+def _prefix_cache_counters(text: str) -> dict[str, float]:
+    """kvserve:prefix_cache_queries/hits totals from the Prometheus text."""
+    counters = {}
+    for line in text.splitlines():
+        for name in ("prefix_cache_queries", "prefix_cache_hits"):
+            if line.startswith(f"kvserve:{name}_total"):
+                counters[name] = float(line.rsplit(" ", 1)[1])
+    return counters
+
+
+def _token_space(args: argparse.Namespace) -> sw.TokenSpace:
+    if args.vocab_size is not None:
+        if args.vocab_size < 2:
+            raise ValueError(f"vocab_size: must be >= 2, got {args.vocab_size}")
+        return sw.TokenSpace(args.vocab_size)
+    from kvserve.model.default import default_gguf_path
+    from kvserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(default_gguf_path())
+    assert tokenizer is not None
+    return sw.TokenSpace(len(tokenizer), frozenset(tokenizer.all_special_ids))
+
+
+def _max_model_len_hint(args: argparse.Namespace) -> int | None:
+    """The longest request a trace replay keeps: read from a running server, else the
+    `--max-model-len` in the launch args, else kvserve's default cap."""
+    if args.base_url is not None:
+        card = httpx.get(f"{args.base_url.rstrip('/')}/v1/models", timeout=30).json()["data"][0]
+        max_len = card.get("max_model_len")
+        return int(max_len) if max_len is not None else None
+    lens = []
+    for launch in args.launch:
+        words = shlex.split(launch)
+        if "--max-model-len" in words:
+            lens.append(int(words[words.index("--max-model-len") + 1]))
+    from kvserve.engine.engine import DEFAULT_MAX_MODEL_LEN
+
+    return min(lens) if lens else DEFAULT_MAX_MODEL_LEN
+
+
+# ---- output -------------------------------------------------------------------------------
+
+
+def _print_run(label: str, metrics: dict[str, Any]) -> None:
+    print(f"\n=== {label} ===")
+    for key, value in metrics.items():
+        if key == "by_tag":
+            for tag, sub in value.items():
+                print(f"  [{tag}] completed {sub['completed']}, " + ", ".join(
+                    f"{name} {sub[name]:.1f}" for name in
+                    ("mean_ttft_ms", "p99_ttft_ms", "mean_itl_ms", "p99_itl_ms") if name in sub
+                ))  # fmt: skip
+        elif isinstance(value, float):
+            print(f"  {key:<24} {value:,.2f}")
+        else:
+            print(f"  {key:<24} {value}")
+
+
+def _print_comparison(runs: list[dict[str, Any]]) -> None:
+    from kvserve.bench.plots import print_table
+
+    first = runs[0]["metrics"]
+    header = ["metric", *[str(run["label"]) for run in runs], "ratio last/first"]
+    rows = []
+    for key in TABLE_METRICS:
+        if key not in first:
+            continue
+        values = [run["metrics"].get(key, math.nan) for run in runs]
+        ratio = values[-1] / values[0] if values[0] else math.nan
+        rows.append([key, *[f"{v:,.2f}" for v in values], f"{ratio:.3f}"])
+    for tag in first.get("by_tag", {}):
+        for key in ("mean_ttft_ms", "p99_itl_ms", "mean_itl_ms"):
+            values = [run["metrics"]["by_tag"][tag].get(key, math.nan) for run in runs]
+            ratio = values[-1] / values[0] if values[0] else math.nan
+            rows.append([f"[{tag}] {key}", *[f"{v:,.2f}" for v in values], f"{ratio:.3f}"])
+    print()
+    print_table(header, rows)
+
+
+def plot_runs(runs: list[dict[str, Any]], path: str) -> None:
+    """Two panels: the CDF of TTFT and of ITL (per tag when there are several), per run."""
+    from kvserve.bench.plots import _pyplot
+
+    plt = _pyplot()
+    fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    for run in runs:
+        _cdf(ax_ttft, run["ttfts_ms"], str(run["label"]))
+        for tag, itls in run["itls_ms"].items():
+            name = run["label"] if len(run["itls_ms"]) == 1 else f"{run['label']} [{tag}]"
+            _cdf(ax_itl, itls, str(name))
+    ax_ttft.set_xlabel("time to first token (ms)")
+    ax_itl.set_xlabel("inter-token latency (ms, log scale)")
+    ax_itl.set_xscale("log")
+    for ax in (ax_ttft, ax_itl):
+        ax.set_ylabel("fraction of requests / gaps")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _cdf(ax: Any, values: list[float], label: str) -> None:
+    if not values:
+        return
+    ordered = sorted(values)
+    n = len(ordered)
+    ax.plot(
+        ordered,
+        [(i + 1) / n for i in range(n)],
+        label=f"{label} (median {statistics.median(ordered):.0f})",
+    )

@@ -1,0 +1,1 @@
+"""Request traces (Mooncake's JSONL format): reading, replay workloads, analysis."""

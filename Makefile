@@ -32,8 +32,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 lint: setup
-	$(VENV)/bin/ruff check kvserve tests
-	$(VENV)/bin/ruff format --check kvserve tests
+	$(VENV)/bin/ruff check kvserve tests scripts
+	$(VENV)/bin/ruff format --check kvserve tests scripts
 	$(VENV)/bin/mypy kvserve
 
 clean:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import math
 import shlex
 import statistics
@@ -287,6 +288,7 @@ def add_subcommand(commands: Any) -> None:
 
 def main(args: argparse.Namespace, monitor: Any) -> dict[str, Any]:
     """Run the workload once per server configuration; the JSON record's `results`."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
     if (args.base_url is None) == (args.launch is None):
         raise ValueError("base_url / launch: give exactly one (a running server, or ARGS)")
     labels = args.label or (args.launch if args.launch is not None else [args.base_url])
@@ -462,22 +464,23 @@ def _print_run(label: str, metrics: dict[str, Any]) -> None:
 
 
 def _print_comparison(runs: list[dict[str, Any]]) -> None:
+    """Every run's metrics side by side, then each later run's ratio to the first."""
     from kvserve.bench.plots import print_table
 
-    first = runs[0]["metrics"]
-    header = ["metric", *[str(run["label"]) for run in runs], "ratio last/first"]
+    labels = [str(run["label"]) for run in runs]
+    header = ["metric", *labels, *[f"{label} / {labels[0]}" for label in labels[1:]]]
+    keys = [(None, key) for key in TABLE_METRICS if key in runs[0]["metrics"]]
+    for tag in runs[0]["metrics"].get("by_tag", {}):
+        keys += [(tag, key) for key in ("mean_ttft_ms", "mean_itl_ms", "p99_itl_ms")]
     rows = []
-    for key in TABLE_METRICS:
-        if key not in first:
-            continue
-        values = [run["metrics"].get(key, math.nan) for run in runs]
-        ratio = values[-1] / values[0] if values[0] else math.nan
-        rows.append([key, *[f"{v:,.2f}" for v in values], f"{ratio:.3f}"])
-    for tag in first.get("by_tag", {}):
-        for key in ("mean_ttft_ms", "p99_itl_ms", "mean_itl_ms"):
-            values = [run["metrics"]["by_tag"][tag].get(key, math.nan) for run in runs]
-            ratio = values[-1] / values[0] if values[0] else math.nan
-            rows.append([f"[{tag}] {key}", *[f"{v:,.2f}" for v in values], f"{ratio:.3f}"])
+    for tag, key in keys:
+        values = [
+            (run["metrics"] if tag is None else run["metrics"]["by_tag"][tag]).get(key, math.nan)
+            for run in runs
+        ]
+        ratios = [v / values[0] if values[0] else math.nan for v in values[1:]]
+        name = key if tag is None else f"[{tag}] {key}"
+        rows.append([name, *[f"{v:,.2f}" for v in values], *[f"{r:.3f}" for r in ratios]])
     print()
     print_table(header, rows)
 

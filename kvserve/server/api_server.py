@@ -135,7 +135,8 @@ def build_app(
         if engine.tokenizer is None:
             raise ValueError("messages: this model has no tokenizer; use /v1/completions")
         conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt_ids = apply_chat_template(engine.tokenizer, conversation)
+        # Rendering the template and tokenizing take milliseconds: off the event loop.
+        prompt_ids = await asyncio.to_thread(apply_chat_template, engine.tokenizer, conversation)
         request_id = engine.new_request_id("chatcmpl")
         stream = metrics.track(engine.generate(request_id, prompt_ids, params))
         first = await _first(stream)

@@ -56,16 +56,8 @@ def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    metadata = _read_metadata(reader)
-    arch = metadata.get("general.architecture")
-    if arch not in _HF_ARCHITECTURES:
-        raise ValueError(
-            f"unsupported GGUF architecture {arch!r} in {path}; "
-            f"supported: {', '.join(sorted(_HF_ARCHITECTURES))}"
-        )
-    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
-    config = gguf_config(metadata, vocab_size=int(embedding.shape[1]))  # ggml: (hidden, vocab)
+    reader, config = read_gguf_config(path)
+    arch = config["model_type"]
     state_dict: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
         shape = tuple(reversed([int(d) for d in tensor.shape]))  # ggml order is reversed
@@ -79,6 +71,26 @@ def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         state_dict[name] = torch.from_numpy(weight)  # (out, in) float32
     config["tie_word_embeddings"] = "lm_head.weight" not in state_dict
     return config, state_dict
+
+
+def read_gguf_config(path: str) -> tuple[Any, dict[str, Any]]:
+    """(the file's `gguf.GGUFReader`, its HF-style config dict); reads no tensor data.
+
+    Raises:
+        ValueError: the GGUF architecture is not supported (llama, qwen2).
+    """
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+    metadata = _read_metadata(reader)
+    arch = metadata.get("general.architecture")
+    if arch not in _HF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported GGUF architecture {arch!r} in {path}; "
+            f"supported: {', '.join(sorted(_HF_ARCHITECTURES))}"
+        )
+    embedding = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return reader, gguf_config(metadata, vocab_size=int(embedding.shape[1]))  # (hidden, vocab)
 
 
 def hf_tensor_name(gguf_name: str) -> str:

@@ -46,3 +46,36 @@ def test_greedy_and_logprobs_match_transformers(
                 ):
                     assert token_id in entry, f"{name} step {step}: top-5 token {token_id} missing"
                     assert entry[token_id].logprob == pytest.approx(logprob, abs=1e-3)
+
+
+def test_sliding_window_generation_4x_the_window_matches_and_holds_o_window_blocks(
+    tiny_checkpoints: dict[str, str], hf_models: dict[str, torch.nn.Module]
+) -> None:
+    """Mistral, window 8, blocks of 4: 32 new tokens (4x the window) equal transformers',
+    and from its first decode step on, each request holds at most ceil((8 + 4 - 1 + 1) / 4)
+    = 3 real blocks (kv_cache_manager.py's bound), however long it grows."""
+    from kvserve.kv.block_pool import NULL_BLOCK_ID
+
+    engine = make_engine(tiny_checkpoints["mistral"], block_size=4)
+    assert engine.model_config.sliding_window == 8
+    prompts = random_prompts(engine.model_config.vocab_size, [5, 17], seed=2)
+    params = SamplingParams(temperature=0.0, max_tokens=NUM_NEW, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"w{i}", {"prompt_token_ids": prompt}, params)
+    outputs: dict[str, list[int]] = {}
+    most_held = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                outputs[output.request_id] = output.outputs[0].token_ids
+        engine.scheduler.check_invariants()
+        for request in engine.scheduler.running:
+            # blocks are dropped when a step is scheduled: count from the first decode step on
+            if request.num_computed_tokens > request.num_prompt_tokens:
+                ids = engine.kv_cache_manager.get_block_ids(request.request_id)
+                most_held = max(most_held, sum(1 for b in ids if b != NULL_BLOCK_ID))
+    assert 0 < most_held <= 3
+    assert engine.kv_cache_manager.num_used_blocks == 0
+    for i, prompt in enumerate(prompts):
+        expected, _ = hf_greedy(hf_models["mistral"], prompt, NUM_NEW)
+        assert outputs[f"w{i}"] == expected

@@ -8,7 +8,7 @@ import statistics
 import pytest
 
 from kvserve.bench import serve_workload as sw
-from kvserve.bench.serve_bench import RequestResult, compute_metrics
+from kvserve.bench.serve_report import RequestResult, compute_metrics
 from kvserve.trace.records import TraceRecord
 
 SPACE = sw.TokenSpace(1000, frozenset({0, 1, 2}))

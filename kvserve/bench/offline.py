@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import math
 import os
 import platform
 import statistics
@@ -87,10 +88,21 @@ def main(args: argparse.Namespace) -> int:
         }
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(record, f, indent=2)
+            json.dump(_finite(record), f, indent=2)
             f.write("\n")
         print(f"wrote {args.output_json}")
     return 0
+
+
+def _finite(value: Any) -> Any:
+    """`value` with inf and nan floats written as strings: strict JSON has neither."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 class _Bench:

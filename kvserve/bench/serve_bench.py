@@ -237,7 +237,8 @@ def build_workload(
     requests.sort(key=lambda r: r.arrival_s)
     info = {
         "kind": "random", "num_prompts": args.num_prompts, "input_len": args.input_len,
-        "output_len": args.output_len, "request_rate": args.request_rate,
+        "output_len": args.output_len,
+        "request_rate": "inf" if math.isinf(args.request_rate) else args.request_rate,
         "num_long_prompts": args.num_long_prompts, "long_input_len": args.long_input_len,
     }  # fmt: skip
     return requests, info

@@ -188,9 +188,9 @@ def main(args: argparse.Namespace, monitor: Any) -> dict[str, Any]:
     if len(labels) != len(runs_args):
         raise ValueError(f"label: {len(labels)} labels for {len(runs_args)} runs")
     space = _token_space(args)
+    requests, workload = build_workload(args, space, _max_model_len_hint(args))  # one for all
     runs = []
     for index, (label, launch) in enumerate(zip(labels, runs_args, strict=True)):
-        requests, workload = build_workload(args, space, _max_model_len_hint(args))
         sample = monitor.wait_idle(args.wait_idle)
         run = _one_run(args, launch, index, requests, space)
         run.update(label=label, server_args=launch, workload=workload)

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain in three sentences why an LLM server caches keys and values but not queries.
 
-.PHONY: setup run demo test test-fast lint clean
+.PHONY: setup run demo test test-fast lint eval-deps clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The default text of `kvserve eval ppl` (the King James Bible, public domain): Debian's
+# bible-kjv packages, from the distribution's registry.
+eval-deps:
+	@command -v bible >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q bible-kjv-text bible-kjv >/dev/null; \
+	  else sudo apt-get install -y -q bible-kjv-text bible-kjv >/dev/null; fi; }
 
 lint: setup
 	$(VENV)/bin/ruff check kvserve tests scripts

@@ -12,7 +12,15 @@ from typing import Any, Literal
 
 CacheMode = Literal["paged", "contiguous", "none"]
 CACHE_MODES: tuple[str, ...] = ("paged", "contiguous", "none")
-KV_CACHE_DTYPES: tuple[str, ...] = ("auto", "float32", "float16", "bfloat16")
+KV_CACHE_DTYPES: tuple[str, ...] = (
+    "auto",
+    "float32",
+    "float16",
+    "bfloat16",
+    "fp8_e4m3",
+    "int8",
+    "int4",
+)
 PREEMPTION_MODES: tuple[str, ...] = ("recompute",)
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30

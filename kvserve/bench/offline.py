@@ -27,9 +27,10 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from kvserve.bench import cache_bench, plots, serve_bench
+from kvserve.bench import cache_bench, kv_dtype_bench, plots, serve_bench
 from kvserve.bench import workloads as wl
 from kvserve.kv import sizing
+from kvserve.kv.planner import kv_scale_bytes_per_token
 
 Record = dict[str, Any]
 DecodeFn = Callable[[Sequence[int], int], tuple[wl.DecodeTiming, list[int]]]
@@ -66,6 +67,7 @@ def add_subcommands(
         add_engine_args(parser)
     cache_bench.add_subcommands(commands, add_engine_args)
     serve_bench.add_subcommand(commands)
+    kv_dtype_bench.add_subcommand(commands, add_engine_args)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -76,6 +78,7 @@ def main(args: argparse.Namespace) -> int:
         "prefix": cache_bench.run_prefix,
         "memory": cache_bench.run_memory,
         "serve": serve_bench.main,
+        "kv-dtype": kv_dtype_bench.run,
     }
     record = runs[args.bench_command](args, monitor)
     if "benchmark" not in record:  # prefix, memory, serve: results only
@@ -246,28 +249,33 @@ def time_kvserve_decode(
 
 
 def kv_bytes_per_token(llm: Any) -> Record:
-    """KV bytes per token as allocated (tensor bytes / slots) and by the seeds' formula."""
+    """KV bytes per token as allocated (tensor bytes, scales included, / slots) and by the
+    seeds' formula plus the planner's scale bytes (kv/planner.py)."""
     model_config = llm.engine.model_config
     caches = llm.engine.model_runner.kv_caches or []
-    num_slots = caches[0][0].shape[0] * caches[0][0].shape[1] if caches else 0  # blocks x size
-    measured = sum(k.nbytes + v.nbytes for k, v in caches) / num_slots if num_slots else 0.0
-    dtype_bytes = caches[0][0].element_size() if caches else 0
-    formula = (
-        sizing.kv_bytes_per_token(
-            model_config.num_hidden_layers,
-            model_config.num_key_value_heads,
-            model_config.head_dim,
-            dtype_bytes,
-        )
-        if caches
-        else 0
+    if not caches:
+        return {"measured": 0.0, "formula": 0, "dtype_bytes": 0}
+    num_slots = caches[0].k.shape[0] * caches[0].k.shape[1]  # blocks x block size
+    allocated = sum(t.nbytes for layer in caches for t in layer if t is not None)
+    layers, kv_heads = model_config.num_hidden_layers, model_config.num_key_value_heads
+    kv_cache_dtype = llm.engine.config.kv_cache_dtype
+    head_dim, block_size = model_config.head_dim, llm.engine.config.block_size
+    dtype_bytes = (
+        caches[0].k.element_size()  # auto: the model's dtype
+        if kv_cache_dtype == "auto"
+        else sizing.KV_DTYPE_BYTES[kv_cache_dtype]  # int4: half a byte
     )
+    data = sizing.kv_bytes_per_token(layers, kv_heads, head_dim, dtype_bytes)
+    scales = kv_scale_bytes_per_token(kv_cache_dtype, layers, kv_heads, head_dim, block_size)
     return {
-        "measured": measured,
-        "formula": formula,
-        "num_layers": model_config.num_hidden_layers,
-        "num_kv_heads": model_config.num_key_value_heads,
-        "head_dim": model_config.head_dim,
+        "measured": allocated / num_slots,
+        "formula": data + scales,
+        "data_bytes": data,
+        "scale_bytes": scales,
+        "kv_cache_dtype": kv_cache_dtype,
+        "num_layers": layers,
+        "num_kv_heads": kv_heads,
+        "head_dim": head_dim,
         "dtype_bytes": dtype_bytes,
     }
 

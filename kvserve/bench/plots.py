@@ -28,7 +28,7 @@ NO_CACHE_COLUMNS: dict[str, str] = {
 
 def plot_no_cache(rows: Sequence[Mapping[str, float]], path: str, title: str) -> None:
     """Batch-1 decode tok/s against prompt length, with and without a KV cache (log y)."""
-    plt = _pyplot()
+    plt = pyplot()
     lengths = [row["prompt_len"] for row in rows]
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     for key, label, style in NO_CACHE_SERIES:
@@ -154,7 +154,7 @@ _PREFIX_KEYS = (
 
 def plot_multi_turn(turns: Record, path: str) -> None:
     """TTFT per conversation turn, prefix caching on vs off."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     for name, style in (("caching_off", "s--"), ("caching_on", "o-")):
         rows = turns[name]["turns"]
@@ -198,7 +198,7 @@ def print_memory(args: argparse.Namespace, results: Record) -> None:
 
 def plot_memory(results: Record, path: str) -> None:
     """Two PNGs: `path` (slot use, paged vs contiguous) and `path` with a `_decode` suffix."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     modes = ("paged", "contiguous")
     used = [results[m]["slot_utilization"] * 100 for m in modes]
@@ -231,7 +231,7 @@ def plot_memory(results: Record, path: str) -> None:
     plt.close(fig)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -157,9 +157,9 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
 
 def plot_runs(runs: list[dict[str, Any]], path: str) -> None:
     """Two panels: the CDF of TTFT and of ITL (per tag when there are several), per run."""
-    from kvserve.bench.plots import _pyplot
+    from kvserve.bench.plots import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11.0, 4.2))
     for run in runs:
         _cdf(ax_ttft, run["ttfts_ms"], str(run["label"]))

@@ -11,7 +11,10 @@ no variable-shape metadata enters the graph and nothing recompiles once a bucket
                                               slot 0 (the null block), attending to it alone;
                                               their logits are dropped
 
-Prefill chunks and batches above the largest bucket run eagerly.
+Every other step (prefill chunks, prefills mixed with decodes, decode batches above the
+largest bucket) runs through a second graph compiled once with a dynamic token count
+(`run_hidden`): its GEMMs stay ATen's, which are already at this CPU's limit for many rows,
+and the norms, RoPE, activations and residual adds between them fuse.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class CompiledDecode:
         self._inductor_config = dict(INDUCTOR_CONFIG)
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._forward = torch.compile(_DecodeLogits(model), dynamic=False)
+        self._hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        self._hidden = torch.compile(_Hidden(model), dynamic=None)
 
     def bucket_for(self, num_rows: int) -> int | None:
         """The smallest compiled size that holds num_rows, or None when none does."""
@@ -82,6 +87,23 @@ class CompiledDecode:
         ):
             logits = self._forward(torch.cat([input_ids, zeros]), torch.cat([positions, zeros]))
         return logits[:num_rows]  # (num_rows, vocab)
+
+    def run_hidden(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        md: AttentionMetadata,
+        kv_caches: KVCaches,
+    ) -> torch.Tensor:
+        """Hidden states (num_tokens, hidden) of any step of two or more tokens (prefill
+        chunks, mixed steps, decode batches above the largest bucket): one graph whose
+        token count is dynamic; GEMMs stay ATen's, the ops between them fuse."""
+        assert input_ids.shape[0] >= 2
+        plans = self.model.plan_layers(md, True, input_ids.device)
+        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+        torch._dynamo.maybe_mark_dynamic(positions, 0)
+        with attention_step(plans, kv_caches):  # type: ignore[arg-type]
+            return self._hidden(input_ids, positions)  # (num_tokens, hidden)
 
     def warmup(self, kv_caches: KVCaches, block_size: int, device: torch.device) -> None:
         """Compile every bucket now (about a minute each), so no request waits for one."""
@@ -111,6 +133,19 @@ class CompiledDecode:
         start = time.perf_counter()
         self._warm_fused_attention(kv_caches, device)
         logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
+        start = time.perf_counter()
+        two = torch.zeros(2, dtype=torch.long, device=device)  # a 2-token prompt, null block
+        prefill = AttentionMetadata(
+            query_start_loc=[0, 2],
+            seq_lens=[2],
+            num_decodes=0,
+            slot_mapping=torch.zeros(2, dtype=torch.long, device=device),  # both in slot 0
+            block_tables=torch.zeros((1, -(-2 // block_size)), dtype=torch.long, device=device),
+            block_size=block_size,
+            fused_decode=True,
+        )
+        self.run_hidden(two, two.clone(), prefill, kv_caches)
+        logger.info("compiled variable-length steps in %.1f s", time.perf_counter() - start)
 
     def _warm_fused_attention(self, kv_caches: KVCaches, device: torch.device) -> None:
         """Compile the fused decode attention for each shape class it specializes on.
@@ -119,14 +154,17 @@ class CompiledDecode:
         block, is its own compiled variant. Built here on the null block, not at a request.
         """
         config = self.model.config
-        k_cache, v_cache = kv_caches[0]
+        layer = kv_caches[0]
+        k_cache = layer.k
+        if k_cache.dtype == torch.uint8:  # int4 decodes without the fused kernel
+            return
         dtype = self.model.output_embedding().dtype
         for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):
             q = torch.zeros(rows, config.num_attention_heads, config.head_dim, dtype=dtype)
             block_ids = torch.zeros((rows, blocks), dtype=torch.long, device=device)
             mask = torch.ones((rows, blocks * k_cache.shape[1]), dtype=torch.bool, device=device)
             scale = config.head_dim**-0.5  # the models' scale: a float is a guarded constant
-            fused_decode_attention(q.to(device), k_cache, v_cache, block_ids, mask, scale)
+            fused_decode_attention(q.to(device), layer, block_ids, mask, scale)
 
 
 class _DecodeLogits(nn.Module):
@@ -140,6 +178,18 @@ class _DecodeLogits(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids, positions, None, None)  # (bucket, hidden)
         return self.model.compute_logits(hidden)  # (bucket, vocab)
+
+
+class _Hidden(nn.Module):
+    """The variable-length compiled region: the model without its LM head."""
+
+    def __init__(self, model: CausalLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        hidden: torch.Tensor = self.model(input_ids, positions, None, None)
+        return hidden  # (num_tokens, hidden)
 
 
 def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:

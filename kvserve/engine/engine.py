@@ -20,8 +20,8 @@ from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from kvserve.kv.kv_cache import resolve_kv_dtype
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.quant import scale_bytes_per_token_per_layer, storage_dtype
 from kvserve.kv.sizing import kv_bytes_per_token
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
@@ -216,13 +216,21 @@ class Engine:
         if config.cache_mode == "none":
             logger.info("KV cache: none (every step recomputes the whole sequence)")
             return 0
-        dtype = resolve_kv_dtype(config.kv_cache_dtype, self.model_runner.dtype)
-        per_token = kv_bytes_per_token(
+        dtype = storage_dtype(config.kv_cache_dtype, self.model_runner.dtype)
+        layers, kv_heads = (
             self.model_config.num_hidden_layers,
             self.model_config.num_key_value_heads,
-            self.model_config.head_dim,
-            dtype.itemsize,
         )
+        data_per_token = kv_bytes_per_token(
+            layers, kv_heads, self.model_config.head_dim, dtype.itemsize
+        )
+        scales_per_token = math.ceil(
+            layers
+            * scale_bytes_per_token_per_layer(
+                dtype, kv_heads, self.model_config.head_dim, config.block_size
+            )
+        )
+        per_token = data_per_token + scales_per_token
         if config.num_kv_blocks is not None:
             num_blocks, field_name = config.num_kv_blocks, "num_kv_blocks"
         else:
@@ -240,9 +248,11 @@ class Engine:
                 f"{config.max_model_len} may need; give more memory or lower max_model_len"
             )
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token, %s)",
+            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token: %d K/V "
+            "in %s + %d scales)",
             num_blocks, config.block_size, num_blocks * config.block_size,
-            num_blocks * config.block_size * per_token / 2**20, per_token, dtype,
+            num_blocks * config.block_size * per_token / 2**20, per_token, data_per_token,
+            str(dtype).removeprefix("torch."), scales_per_token,
         )  # fmt: skip
         return num_blocks
 

@@ -16,7 +16,8 @@ import torch
 from kvserve.engine.compiled_decode import CompiledDecode
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks, resolve_kv_dtype
+from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks
+from kvserve.kv.quant import storage_dtype
 from kvserve.model.attention import AttentionMetadata
 from kvserve.model.config import ModelConfig
 from kvserve.model.loader import CausalLM, load_model
@@ -55,7 +56,7 @@ class ModelRunner:
             block_size=block_size,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
-            dtype=resolve_kv_dtype(kv_cache_dtype, self.dtype),
+            dtype=storage_dtype(kv_cache_dtype, self.dtype),
             device=self.device,
         )
 
@@ -87,6 +88,16 @@ class ModelRunner:
             logprobs=result.logprobs,
         )
 
+    @torch.inference_mode()
+    def logits_for_all_tokens(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
+        """(num_tokens, vocab) logits of every scheduled token, not only the sampled ones:
+        scoring a text (kvserve eval ppl). Writes K/V like any step; samples nothing."""
+        inputs = self.prepare_inputs(scheduled)
+        hidden = self.model(
+            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+        )  # (num_tokens, hidden)
+        return self.model.compute_logits(hidden)  # (num_tokens, vocab)
+
     def _logits(self, inputs: StepInputs, is_decode: bool) -> torch.Tensor:
         """(num_sampled, vocab) logits: compiled when the step is all decodes and fits."""
         compiled = self.compiled
@@ -95,6 +106,12 @@ class ModelRunner:
             return compiled.run(
                 inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
             )  # (num_decodes, vocab)
+        if compiled is not None and len(inputs.input_ids) >= 2:  # prefill, mixed, big decode
+            assert self.kv_caches is not None
+            hidden = compiled.run_hidden(
+                inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+            )  # (num_tokens, hidden)
+            return self.model.compute_logits(hidden[inputs.logits_indices])
         hidden = self.model(
             inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
         )  # (num_tokens, hidden)

@@ -71,20 +71,22 @@ PRESETS: dict[str, ModelShape] = {
 
 
 def kv_scale_bytes_per_token(
-    kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int
+    kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16
 ) -> int:
-    """Bytes of quantization scales per token, all layers, K and V.
+    """Bytes of quantization scales per token, all layers, K and V (kv/quant.py's layout).
 
     - int8: one float32 scale per token per KV head, for K and for V.
-    - int4: KIVI-style groups of 32 with a float16 scale and zero point each: keys per
-      channel over 32 tokens, values per token over 32 channels; either way one pair per 32
-      elements, so 4 bytes per 32 elements of K and of V.
+    - int4 (KIVI-style, float16 scale and zero point per group): keys per channel, a group
+      being one channel of one block's `block_size` tokens (4 x head_dim / block_size bytes
+      a token); values per token in groups of 32 channels, or the whole head when it is
+      smaller (4 x head_dim / 32 bytes).
     - fp8_e4m3: one scale per layer tensor, nothing per token.
     """
     if kv_cache_dtype == "int8":
         return 2 * num_layers * num_kv_heads * 4
     if kv_cache_dtype == "int4":
-        return math.ceil(2 * num_layers * num_kv_heads * head_dim * 4 / 32)
+        per_head = 4 * head_dim / block_size + 4 * head_dim / min(32, head_dim)
+        return math.ceil(num_layers * num_kv_heads * per_head)
     return 0
 
 
@@ -126,13 +128,18 @@ def plan_kv(
     kv_cache_dtype: str = "auto",
     model_dtype: str = "float16",
     memory_gb: float | None = None,
+    block_size: int = 16,
 ) -> KVPlan:
     """The KV size of `batch_size` sequences of `seq_len` tokens, and what a budget holds.
 
     Raises:
         ValueError: a non-positive size, an unknown dtype, weights larger than the budget.
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("seq_len", seq_len),
+        ("block_size", block_size),
+    ):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name}: must be a positive integer, got {value!r}")
     if model_dtype not in WEIGHT_DTYPE_BYTES:
@@ -142,11 +149,11 @@ def plan_kv(
     element = kv_dtype_bytes(kv_cache_dtype, model_dtype)
     layers, kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
     per_layer_data = 2 * kv_heads * head_dim * element  # bytes of one token in one layer
-    per_layer_scales = kv_scale_bytes_per_token(kv_cache_dtype, 1, kv_heads, head_dim)
+    per_layer_scales = kv_scale_bytes_per_token(kv_cache_dtype, 1, kv_heads, head_dim, block_size)
     held = [seq_len if w is None else min(seq_len, w) for w in shape.layer_windows]
     seq_bytes = math.ceil(sum(h * (per_layer_data + per_layer_scales) for h in held))
     data = math.ceil(layers * per_layer_data)
-    scales = kv_scale_bytes_per_token(kv_cache_dtype, layers, kv_heads, head_dim)
+    scales = kv_scale_bytes_per_token(kv_cache_dtype, layers, kv_heads, head_dim, block_size)
     weights = math.ceil(shape.num_params * WEIGHT_DTYPE_BYTES[model_dtype])
     memory = free = max_tokens = max_seqs = None
     if memory_gb is not None:

@@ -28,3 +28,24 @@ def test_compiled_decode_equals_eager(tiny_checkpoints: dict[str, str], name: st
                 assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
     alone = run_engine(compiled, prompts[:1], params)  # bucket 1, no padding
     assert token_ids(alone) == token_ids(expected)[:1]
+
+
+def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, str]) -> None:
+    """Prefill chunks mixed with decodes, and more decodes than the largest bucket, run
+    through the dynamic-length graph: same tokens and logprobs as eager."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logprobs=1)
+    engine_args = dict(max_num_batched_tokens=16, block_size=4)
+    eager = make_engine(tiny_checkpoints["llama"], **engine_args)
+    prompts = random_prompts(eager.model_config.vocab_size, [3, 30, 7, 21, 2, 12], seed=5)
+    expected = run_engine(eager, prompts, params)
+    compiled = make_engine(
+        tiny_checkpoints["llama"], compile=True, compile_sizes=(2,), **engine_args
+    )
+    outputs = run_engine(compiled, prompts, params)
+    assert token_ids(outputs) == token_ids(expected)
+    for out, ref in zip(outputs, expected, strict=True):
+        for got, want in zip(
+            out.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True
+        ):
+            for token_id, logprob in want.items():
+                assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kvserve.kv import quant
 from kvserve.model.attention import (
     AttentionMetadata,
     causal_mask,
@@ -35,7 +36,11 @@ def _reference(q, keys, values, window):  # one seq: (q_len, h, d), (k_len, kv, 
 
 
 @pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "kv_dtype",
+    [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.uint8],
+    ids=["float32", "float16", "bfloat16", "fp8_e4m3", "int8", "int4"],
+)
 @pytest.mark.parametrize("fused", [False, True], ids=["sdpa", "fused"])
 def test_paged_attention_matches_reference(
     window: int | None, kv_dtype: torch.dtype, fused: bool
@@ -47,14 +52,16 @@ def test_paged_attention_matches_reference(
     blocks = torch.randperm(NUM_BLOCKS, generator=generator).tolist()
     tables = [blocks[0:2], blocks[2:6], blocks[6:9], blocks[9:11]]
     context = [torch.randn(n, 2, NUM_KV_HEADS, HEAD_DIM, generator=generator) for n in seq_lens]
-    shape = (NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    kv_cache = (torch.zeros(shape, dtype=kv_dtype), torch.zeros(shape, dtype=kv_dtype))
+    kv_cache = quant.allocate_layer(
+        NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, kv_dtype, torch.device("cpu")
+    )
     for table, kv, cached in zip(
         tables, context, num_cached, strict=True
-    ):  # tokens computed before
-        for p in range(cached):
-            slot = divmod(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE, BLOCK_SIZE)
-            kv_cache[0][slot], kv_cache[1][slot] = kv[p, 0], kv[p, 1]
+    ):  # tokens computed before, written (and quantized) as an earlier step would have
+        slots_before = [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(cached)]
+        quant.write_layer(
+            kv_cache, kv[:cached, 0], kv[:cached, 1], torch.tensor(slots_before, dtype=torch.long)
+        )
     slots = [
         table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
         for table, c, n in zip(tables, num_cached, q_lens, strict=True)
@@ -76,8 +83,13 @@ def test_paged_attention_matches_reference(
     plan = plan_attention(md, window, cached=True, device=torch.device("cpu"))
     out = paged_attention(q, new_kv[:, 0], new_kv[:, 1], kv_cache, plan, HEAD_DIM**-0.5)
 
-    assert kv_cache[0].dtype == kv_dtype
-    rounded = [kv.to(kv_dtype).float() for kv in context]  # what the cache holds
+    assert kv_cache.k.dtype == kv_dtype
+    if kv_dtype == torch.uint8:  # int4 keys are grouped per block: read the cache back
+        rounded = [
+            _read_back(kv_cache, table, len(kv)) for table, kv in zip(tables, context, strict=True)
+        ]
+    else:
+        rounded = [_stored(kv, kv_dtype) for kv in context]  # what the cache holds
     starts = md.query_start_loc
     expected = torch.cat(
         [
@@ -86,6 +98,23 @@ def test_paged_attention_matches_reference(
         ]
     )
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+def _stored(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of `dtype` gives back for x: the quantization round trip."""
+    if dtype == torch.int8:
+        return quant.dequantize(*quant.quantize_int8(x), torch.float32)
+    if dtype == torch.float8_e4m3fn:
+        return quant.quantize_fp8(x).float()
+    return x.to(dtype).float()
+
+
+def _read_back(layer: quant.LayerKV, table: list[int], length: int) -> torch.Tensor:
+    """(length, 2, kv_heads, head_dim): a seq's K and V as the cache gives them back."""
+    ids = torch.tensor(table)
+    k = quant.read_blocks(layer.k, layer.k_scale, ids, torch.float32).flatten(0, 1)[:length]
+    v = quant.read_blocks(layer.v, layer.v_scale, ids, torch.float32).flatten(0, 1)[:length]
+    return torch.stack([k, v], dim=1)
 
 
 def test_without_cache_each_seq_attends_to_itself_only() -> None:
@@ -116,12 +145,12 @@ def test_decodes_grouped_by_length_match_the_reference(window: int | None, fused
         tables.append(ids[start : start + count])
         start += count
     shape = (128, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
-    kv_cache = (torch.zeros(shape), torch.zeros(shape))
+    kv_cache = quant.LayerKV(torch.zeros(shape), torch.zeros(shape))
     context = [torch.randn(n, 2, NUM_KV_HEADS, HEAD_DIM, generator=generator) for n in seq_lens]
     for table, kv, n in zip(tables, context, seq_lens, strict=True):  # all but the new token
         for p in range(n - 1):
             slot = divmod(table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE, BLOCK_SIZE)
-            kv_cache[0][slot], kv_cache[1][slot] = kv[p, 0], kv[p, 1]
+            kv_cache.k[slot], kv_cache.v[slot] = kv[p, 0], kv[p, 1]
     width = max(num_blocks)
     md = AttentionMetadata(
         query_start_loc=list(range(len(seq_lens) + 1)),

@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from kvserve.kv.quant import LayerKV
 from kvserve.model.attention import AttentionMetadata
 from kvserve.model.layers import CausalLM
 from kvserve.model.loader import load_model
@@ -104,7 +105,7 @@ class PagedDriver:
                 torch.zeros(shape, dtype=kv_dtype),
             )
             k_cache[self.POISON_BLOCK], v_cache[self.POISON_BLOCK] = 1e4, 1e4
-            self.kv_caches.append((k_cache, v_cache))
+            self.kv_caches.append(LayerKV(k_cache, v_cache))
         shuffled = torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(1)) + 1
         self.free_blocks = shuffled.tolist()
 

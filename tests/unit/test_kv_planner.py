@@ -46,10 +46,13 @@ def test_quantized_dtypes_count_their_scales() -> None:
     int8 = plan_kv(llama, kv_cache_dtype="int8")
     assert int8.data_bytes_per_token == 2 * 32 * 32 * 128
     assert int8.scale_bytes_per_token == 2 * 32 * 32 * 4  # fp32 per token per KV head
-    int4 = plan_kv(llama, kv_cache_dtype="int4")
+    int4 = plan_kv(llama, kv_cache_dtype="int4")  # blocks of 16 tokens
     assert int4.data_bytes_per_token == 2 * 32 * 32 * 128 // 2
-    assert int4.scale_bytes_per_token == 2 * 32 * 32 * 128 * 4 // 32  # fp16 scale+zero / 32
+    # fp16 scale + zero: keys per channel per 16-token block, values per 32 channels
+    assert int4.scale_bytes_per_token == 32 * 32 * (4 * 128 // 16 + 4 * 128 // 32)
     assert int4.kv_bytes == 2048 * (int4.data_bytes_per_token + int4.scale_bytes_per_token)
+    int4_32 = plan_kv(llama, kv_cache_dtype="int4", block_size=32)
+    assert int4_32.scale_bytes_per_token == 2 * 32 * 32 * 128 * 4 // 32  # one pair per 32
     assert plan_kv(llama, kv_cache_dtype="fp8_e4m3").bytes_per_token == 2 * 32 * 32 * 128
 
 

@@ -255,6 +255,7 @@ def _cmd_eval_ppl(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = perplexity(llm, token_ids, config)
     result["elapsed_time"] = time.perf_counter() - start
+    del result["predictions"]
     print(
         f"perplexity {result['perplexity']:.4f} (kv_cache_dtype {result['kv_cache_dtype']}, "
         f"{result['num_scored_tokens']} tokens in {result['num_windows']} windows of "

@@ -97,6 +97,7 @@ def perplexity(llm: Any, token_ids: Sequence[int], config: PplConfig) -> dict[st
             f"{batch_size * blocks_per_window} blocks, the pool has {pool.num_free_blocks}"
         )
     total_nll, total_count = 0.0, 0
+    predictions: list[int] = []
     for start in range(0, num_windows, batch_size):
         batch = windows[start : start + batch_size]
         blocks = pool.get_new_blocks(len(batch) * blocks_per_window)
@@ -105,11 +106,12 @@ def perplexity(llm: Any, token_ids: Sequence[int], config: PplConfig) -> dict[st
             tables = [
                 ids[i * blocks_per_window : (i + 1) * blocks_per_window] for i in range(len(batch))
             ]
-            nll, count = _score_batch(runner, batch, tables, config)
+            nll, count, top1 = _score_batch(runner, batch, tables, config)
         finally:
             pool.free_blocks(blocks)
         total_nll += nll
         total_count += count
+        predictions.extend(top1)
     mean_nll = total_nll / total_count
     return {
         "perplexity": math.exp(mean_nll),
@@ -120,14 +122,24 @@ def perplexity(llm: Any, token_ids: Sequence[int], config: PplConfig) -> dict[st
         "prefill_len": config.prefill_len,
         "chunk_len": config.chunk_len,
         "kv_cache_dtype": llm.engine.config.kv_cache_dtype,
+        "predictions": predictions,  # greedy (top-1) token after each scored position
     }
+
+
+def top1_agreement(a: dict[str, Any], b: dict[str, Any]) -> float:
+    """Share of positions where two runs over the same windows predict the same next token
+    (teacher-forced: both see the true text, so one difference does not derail the rest)."""
+    pairs = list(zip(a["predictions"], b["predictions"], strict=True))
+    return float(sum(x == y for x, y in pairs) / len(pairs))
 
 
 def _score_batch(
     runner: Any, windows: list[list[int]], tables: list[list[int]], config: PplConfig
-) -> tuple[float, int]:
-    """Sum of NLL and count of scored positions for windows that run side by side."""
+) -> tuple[float, int, list[int]]:
+    """Sum of NLL, count of scored positions and the top-1 predictions (window-major), for
+    windows that run side by side."""
     nll, count = 0.0, 0
+    top1 = [[] for _ in windows]  # type: list[list[int]]
     done = 0
     params = SamplingParams(temperature=0)
     while done < config.window_len - 1:  # the last token is only ever a target
@@ -156,5 +168,8 @@ def _score_batch(
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         nll -= float(log_probs.gather(1, targets.unsqueeze(1)).sum())
         count += len(targets)
+        best = log_probs.argmax(-1).view(len(windows), -1).tolist()  # (windows, end - done)
+        for row, ids in zip(top1, best, strict=True):
+            row.extend(ids)
         done = end
-    return nll, count
+    return nll, count, [token for row in top1 for token in row]

@@ -21,7 +21,7 @@ from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.kv_cache_manager import KVCacheManager
-from kvserve.kv.quant import scale_bytes_per_token_per_layer, storage_dtype
+from kvserve.kv.quant import element_bytes, scale_bytes_per_token_per_layer, storage_dtype
 from kvserve.kv.sizing import kv_bytes_per_token
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
@@ -222,7 +222,7 @@ class Engine:
             self.model_config.num_key_value_heads,
         )
         data_per_token = kv_bytes_per_token(
-            layers, kv_heads, self.model_config.head_dim, dtype.itemsize
+            layers, kv_heads, self.model_config.head_dim, element_bytes(dtype)
         )
         scales_per_token = math.ceil(
             layers

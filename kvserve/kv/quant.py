@@ -74,6 +74,11 @@ def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"kv_cache_dtype: must be one of {choices}; got {kv_cache_dtype!r}")
 
 
+def element_bytes(dtype: torch.dtype) -> float:
+    """Bytes one stored K or V element takes: int4 packs two in a byte."""
+    return 0.5 if dtype == torch.uint8 else dtype.itemsize
+
+
 def has_scales(dtype: torch.dtype) -> bool:
     """Whether a layer in this storage dtype keeps scales beside its blocks."""
     return dtype in (torch.int8, torch.uint8)
@@ -146,6 +151,8 @@ def dequantize(data: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor
 
 def write_layer(layer: LayerKV, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     """Store new tokens' K/V, (num_tokens, kv_heads, head_dim), at their slots."""
+    if slot_mapping.numel() == 0:
+        return
     for data, scale, new in ((layer.k, layer.k_scale, k), (layer.v, layer.v_scale, v)):
         slots = data.view(-1, *data.shape[2:])  # (num_slots, kv_heads, head_dim)
         if data.dtype == torch.int8:

@@ -226,7 +226,7 @@ def paged_attention(
 def _gather(cache: Tensor, scale: Tensor | None, seq: SeqPlan, dtype: torch.dtype) -> Tensor:
     assert seq.block_ids is not None
     blocks = read_blocks(cache, scale, seq.block_ids, dtype)  # (num_blocks, bs, kvh, hd)
-    return blocks.view(-1, *cache.shape[2:])[: seq.seq_len]  # (seq_len, kv_heads, head_dim)
+    return blocks.flatten(0, 1)[: seq.seq_len]  # (seq_len, kv_heads, head_dim)
 
 
 def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:

@@ -10,9 +10,8 @@ import pytest
 import torch
 import transformers
 
-from kvserve.bench.perplexity import PplConfig, perplexity
+from kvserve.bench.perplexity import PplConfig, perplexity, top1_agreement
 from kvserve.llm import LLM
-from kvserve.sampling_params import SamplingParams
 from tests.helpers import assert_no_blocks_held, random_prompts
 
 WINDOW = PplConfig(window_len=48, prefill_len=20, chunk_len=8, num_windows=4, batch_size=3)
@@ -50,7 +49,7 @@ def test_auto_perplexity_through_chunks_and_decodes_equals_transformers(
 
 @pytest.mark.parametrize(
     ("kv_cache_dtype", "max_increase"),
-    [("float16", 0.001), ("bfloat16", 0.01), ("int8", 0.01), ("fp8_e4m3", 0.05)],
+    [("float16", 0.001), ("bfloat16", 0.01), ("int8", 0.01), ("fp8_e4m3", 0.05), ("int4", 0.1)],
 )
 def test_quantized_perplexity_stays_close_to_auto(
     tiny_checkpoints: dict[str, Path], kv_cache_dtype: str, max_increase: float
@@ -68,28 +67,21 @@ def test_quantized_perplexity_stays_close_to_auto(
     assert math.isfinite(quantized["mean_nll"])
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3"])
-def test_greedy_agreement_with_auto(tiny_checkpoints: dict[str, Path], kv_cache_dtype: str) -> None:
-    """Share of generated tokens equal to `auto`'s, up to each sequence's first difference
-    (after it the contexts differ, so later tokens are no longer comparable)."""
+@pytest.mark.parametrize(("kv_cache_dtype", "min_rate"), [("int8", 0.95), ("fp8_e4m3", 0.88)])
+def test_top1_agreement_with_auto(
+    tiny_checkpoints: dict[str, Path], kv_cache_dtype: str, min_rate: float
+) -> None:
+    """Teacher-forced greedy agreement: at each position of the same windows, does the
+    quantized cache predict auto's next token? (A random model's logits have near-ties,
+    so this is a harder test than a real model's; the default model's rate is in
+    docs/benchmarks.md.)"""
     path = str(tiny_checkpoints["llama"])
-    prompts = [{"prompt_token_ids": p} for p in random_prompts(256, [5, 17, 30, 9, 44, 23], seed=3)]
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    runs = {}
-    for dtype in ("auto", kv_cache_dtype):
-        llm = LLM(path, num_kv_blocks=128, block_size=4, kv_cache_dtype=dtype)
-        runs[dtype] = [
-            o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)
-        ]
-        assert_no_blocks_held(llm.engine)
-    agreed = 0
-    for ref, got in zip(runs["auto"], runs[kv_cache_dtype], strict=True):
-        agreed += next(
-            (i for i, (a, b) in enumerate(zip(ref, got, strict=True)) if a != b), len(ref)
-        )
-    rate = agreed / sum(len(r) for r in runs["auto"])
-    print(f"greedy agreement {kv_cache_dtype} vs auto: {rate:.3f}")
-    assert rate >= 0.9
+    tokens = _tokens(WINDOW.window_len * WINDOW.num_windows)
+    base = perplexity(LLM(path, num_kv_blocks=64, block_size=4), tokens, WINDOW)
+    llm = LLM(path, num_kv_blocks=64, block_size=4, kv_cache_dtype=kv_cache_dtype)
+    rate = top1_agreement(base, perplexity(llm, tokens, WINDOW))
+    print(f"top-1 agreement {kv_cache_dtype} vs auto: {rate:.3f}")
+    assert rate >= min_rate
 
 
 def test_prefix_cache_keys_include_the_kv_dtype(tiny_checkpoints: dict[str, Path]) -> None:

@@ -2,7 +2,9 @@
 
 For every dtype of `--kv-cache-dtypes`, one engine (all other flags alike) reports:
 - KV bytes per token as allocated (data + scales) next to the formula's;
-- perplexity through the paged cache (`kvserve eval ppl`'s method, same text and windows);
+- perplexity through the paged cache (`kvserve eval ppl`'s method, same text and windows),
+  and top-1 agreement with the first dtype: the share of positions where both predict the
+  same next token, teacher-forced (both read the true text, so one miss does not derail);
 - decode tokens/s at batch 1 and batch 16 (`--batch-sizes`): decode-only steps timed after
   every request has finished its prompt, contexts of `--input-len` tokens and growing.
 Speeds are measured in rounds, each round visiting every dtype, and the median taken, so a
@@ -20,7 +22,7 @@ from typing import Any
 
 from kvserve.bench import plots
 from kvserve.bench import workloads as wl
-from kvserve.bench.perplexity import PplConfig, default_text, perplexity
+from kvserve.bench.perplexity import PplConfig, default_text, perplexity, top1_agreement
 from kvserve.sampling_params import SamplingParams
 
 Record = dict[str, Any]
@@ -74,8 +76,11 @@ def run(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
         if tokenizer is None:
             raise ValueError("model: has no tokenizer, so perplexity cannot read a text")
         token_ids = tokenizer.encode(text, add_special_tokens=False)
+        first_result: Record | None = None
         for dtype, llm in llms.items():
             result = perplexity(llm, token_ids, config)
+            first_result = first_result or result
+            rows[dtype]["top1_agreement"] = top1_agreement(first_result, result)
             rows[dtype].update(
                 perplexity=result["perplexity"], num_scored_tokens=result["num_scored_tokens"]
             )
@@ -133,7 +138,7 @@ def decode_tok_s(llm: Any, batch: int, input_len: int, steps: int, seed: int) ->
 
 def print_rows(results: Record) -> None:
     batch_sizes = results["batch_sizes"]
-    header = ["kv_cache_dtype", "bytes/token", "formula", "perplexity", "change"]
+    header = ["kv_cache_dtype", "bytes/token", "formula", "perplexity", "change", "top-1 agree"]
     for batch in batch_sizes:
         header += [f"b={batch} tok/s", "ratio"]
     table = []
@@ -143,6 +148,7 @@ def print_rows(results: Record) -> None:
             row["kv_cache_dtype"], f"{row['measured']:,.0f}", f"{row['formula']:,}",
             f"{row['perplexity']:.4f}" if "perplexity" in row else "-",
             "-" if change is None else f"{100 * change:+.2f}%",
+            f"{100 * row['top1_agreement']:.1f}%" if "top1_agreement" in row else "-",
         ]  # fmt: skip
         for batch in batch_sizes:
             line += [row[f"decode_tok_s_b{batch}"], f"{row[f'decode_ratio_b{batch}']:.2f}x"]
@@ -153,10 +159,14 @@ def print_rows(results: Record) -> None:
 def plot_ppl_vs_bytes(rows: list[Record], path: str) -> None:
     plt = plots.pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for row in rows:
+    for i, row in enumerate(rows):
         ax.plot(row["measured"], row["perplexity"], "o")
-        ax.annotate(row["kv_cache_dtype"], (row["measured"], row["perplexity"]),
-                    textcoords="offset points", xytext=(6, 4), fontsize=9)  # fmt: skip
+        change = row.get("perplexity_change")
+        label = row["kv_cache_dtype"] + ("" if change is None else f" ({100 * change:+.2f}%)")
+        # alternate above / below, so dtypes of equal size (float16, bfloat16) stay legible
+        ax.annotate(label, (row["measured"], row["perplexity"]), textcoords="offset points",
+                    xytext=(6, 5 if i % 2 == 0 else -13), fontsize=9)  # fmt: skip
+    ax.margins(x=0.08, y=0.12)
     ax.set_xlabel("KV bytes per token (data + scales, all layers)")
     ax.set_ylabel("perplexity (lower is better)")
     ax.set_title("KV cache dtype: perplexity against memory", fontsize=10)

@@ -28,7 +28,8 @@ import torch
 from torch import nn
 
 from kvserve.kv.kv_cache import KVCaches
-from kvserve.model.attention import AttentionMetadata, attention_step, fused_decode_attention
+from kvserve.model.attention import AttentionMetadata, attention_step
+from kvserve.model.fused_attention import fused_decode_attention
 from kvserve.model.layers import CausalLM
 
 logger = logging.getLogger("kvserve")

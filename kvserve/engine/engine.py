@@ -252,7 +252,8 @@ class Engine:
             "in %s + %d scales)",
             num_blocks, config.block_size, num_blocks * config.block_size,
             num_blocks * config.block_size * per_token / 2**20, per_token, data_per_token,
-            str(dtype).removeprefix("torch."), scales_per_token,
+            str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto"
+            else config.kv_cache_dtype, scales_per_token,
         )  # fmt: skip
         return num_blocks
 

@@ -23,7 +23,7 @@ Everything derived from the metadata (masks, block indices) is built once per st
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvserve.kv.quant import LayerKV, read_blocks, write_layer
+from kvserve.model.fused_attention import dense, fused_decode_attention
 
 KVCache = LayerKV  # one layer's K/V blocks (and scales when quantized), kv/quant.py
 
@@ -275,97 +276,12 @@ def _decode_group_attention(
     return out.squeeze(2)  # (n, num_heads, head_dim)
 
 
-# ---- fused decode attention: read the blocks in place ------------------------------------
-#
-# Gather + SDPA moves every cached byte three times (read, write the copy, read the copy),
-# and a decode step is memory-bound: at 64 seqs of ~400 tokens it is two thirds of the step
-# (docs/benchmarks.md). Written as elementwise products and reductions, inductor fuses the
-# block lookup into the loops that consume it, so K and V are each read once, where they
-# lie. Compiled once with dynamic shapes (group size and block count vary every step), so it
-# needs the C++ toolchain that `--compile` needs and is used only with it.
-
-
-def _decode_reduction(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k_scale: Tensor | None,
-    v_scale: Tensor | None,
-    block_ids: Tensor,
-    mask: Tensor,
-    scale: float,
-) -> Tensor:
-    n, num_blocks = block_ids.shape
-    _, block_size, kv_heads, head_dim = k_cache.shape
-    num_keys = num_blocks * block_size
-    group = q.shape[1] // kv_heads  # query heads per KV head
-    k = k_cache[block_ids].to(q.dtype)  # (n, m, block_size, kv_heads, head_dim)
-    v = v_cache[block_ids].to(q.dtype)  # (n, m, block_size, kv_heads, head_dim)
-    if k_scale is not None and v_scale is not None:  # int8: dequantized as it is read
-        k = k * k_scale[block_ids].unsqueeze(-1)
-        v = v * v_scale[block_ids].unsqueeze(-1)
-    k = k.view(n, num_keys, kv_heads, 1, head_dim)
-    v = v.view(n, num_blocks, block_size, kv_heads, 1, head_dim)
-    q = q.view(n, 1, kv_heads, group, head_dim)
-    scores = (q * k).sum(-1) * scale  # (n, num_keys, kv_heads, group)
-    scores = scores.masked_fill(~mask.view(n, num_keys, 1, 1), float("-inf"))
-    probs = scores.softmax(1).view(n, num_blocks, block_size, kv_heads, group, 1)
-    # Summed within each block first, then over blocks: the block id is then fixed for a
-    # whole inner loop (one lookup per block, not per key), ~2x faster than one flat sum.
-    out = (probs * v).sum(2).sum(1)  # (n, kv_heads, group, head_dim)
-    return out.view(n, kv_heads * group, head_dim)
-
-
-_fused_reduction: Callable[..., Tensor] | None = None
-
-
-def fused_decode_attention(
-    q: Tensor, kv_cache: KVCache, block_ids: Tensor, mask: Tensor, scale: float
-) -> Tensor:
-    """Decode attention straight from the block cache, compiled on first use.
-
-    Args:
-        q: (n, num_heads, head_dim), one query token per seq.
-        kv_cache: one layer's cache, blocks (num_blocks, block_size, kv_heads, head_dim)
-            in any storage dtype, and int8's scales.
-        block_ids: (n, m) each seq's blocks, padded.
-        mask: (n, m * block_size) bool, True = attend; every row attends to at least one key.
-        scale: softmax scale.
-
-    Returns:
-        (n, num_heads, head_dim).
-    """
-    global _fused_reduction
-    if _fused_reduction is None:
-        _fused_reduction = torch.compile(_decode_reduction)
-    # Only the seq and block counts vary; the model's shapes stay constants (all-dynamic
-    # shapes would also guard on chance equalities between them, such as n == num_heads).
-    for tensor in (q, block_ids, mask):
-        torch._dynamo.maybe_mark_dynamic(tensor, 0)
-    torch._dynamo.maybe_mark_dynamic(block_ids, 1)
-    torch._dynamo.maybe_mark_dynamic(mask, 1)
-    k, v, k_scale, v_scale = kv_cache
-    return _fused_reduction(q, k, v, k_scale, v_scale, block_ids, mask, scale)
-
-
 def _fused_group_attention(
     q: Tensor, kv_cache: KVCache, group: DecodeGroup, scale: float
 ) -> Tensor:
     mask = group.mask.view(q.shape[0], -1)  # (n, max_keys): one rank for every call
-    block_ids = _dense(group.block_ids)  # (n, max_blocks); a slice of the block table
-    return fused_decode_attention(_dense(q), kv_cache, block_ids, mask, scale)
-
-
-def _dense(tensor: Tensor) -> Tensor:
-    """`tensor` with row-major strides: the compiled kernel guards on strides, and
-    `contiguous()` keeps any stride on a dimension of size 1 (a one-seq slice)."""
-    strides, step = [], 1
-    for size in reversed(tensor.shape):
-        strides.append(step)
-        step *= size
-    if tensor.stride() == tuple(reversed(strides)):
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
+    block_ids = dense(group.block_ids)  # (n, max_blocks); a slice of the block table
+    return fused_decode_attention(dense(q), kv_cache, block_ids, mask, scale)
 
 
 # ---- torch.compile: attention as one opaque op --------------------------------------------

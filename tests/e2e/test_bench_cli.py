@@ -140,3 +140,18 @@ def test_bench_serve_rejects_both_or_neither_server(tmp_path: Path) -> None:
     assert main(["bench", "serve", "--vocab-size", "10", "--output-json", str(out)]) == 2
     assert main(["bench", "serve", "--vocab-size", "10", "--base-url", "http://x",
                  "--launch", "", "--output-json", str(out)]) == 2  # fmt: skip
+
+
+def test_bench_kv_dtype_speed_and_bytes(tiny: str, tmp_path: Path) -> None:
+    record = run_bench(
+        ["kv-dtype", "--model", tiny, "--kv-cache-dtypes", "auto,int8,int4", "--skip-ppl",
+         "--batch-sizes", "1,2", "--input-len", "8", "--decode-steps", "3", "--num-rounds", "1",
+         "--num-kv-blocks", "64", "--max-model-len", "128"],
+        tmp_path,
+    )  # fmt: skip
+    rows = {row["kv_cache_dtype"]: row for row in record["results"]["rows"]}
+    assert list(rows) == ["auto", "int8", "int4"]
+    for row in rows.values():
+        assert row["measured"] == row["formula"] and row["decode_tok_s_b2"] > 0
+    assert rows["auto"]["decode_ratio_b1"] == 1.0
+    assert rows["int4"]["measured"] < rows["int8"]["measured"] < rows["auto"]["measured"]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +89,37 @@ def test_multi_turn_chat_reuses_the_earlier_turns(llm: LLM) -> None:
         ]
     metrics = llm.get_metrics()
     assert metrics.prefix_cache_hits > 0 and metrics.num_kv_blocks_used == 0
+
+
+TEXT = (
+    "The old lighthouse keeper climbed the narrow stairs every evening, carrying a lamp and a "
+    "small notebook. He wrote down the color of the sky, the direction of the wind and the "
+    "names of the ships that passed. Over forty years the notebooks filled a whole shelf. When "
+    "he retired, the town library asked for them, and students still read them to learn how "
+    "the weather of the coast has changed. "
+) * 3
+
+
+def test_eval_ppl_and_bench_kv_dtype_on_a_real_model(tmp_path: Path) -> None:
+    """int8 K/V cost the real model almost no perplexity; the CLI writes its JSON and plot."""
+    from kvserve.cli import main
+
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    window = ["--text-file", str(text), "--window-len", "96", "--prefill-len", "48",
+              "--chunk-len", "16", "--num-windows", "2"]  # fmt: skip
+    out = tmp_path / "ppl.json"
+    assert main(["eval", "ppl", *window, "--output-json", str(out), "--max-model-len", "256"]) == 0
+    result = json.loads(out.read_text())
+    assert result["num_scored_tokens"] == 2 * 95 and 1 < result["perplexity"] < 100
+    record = tmp_path / "kv.json"
+    plot = tmp_path / "kv.png"
+    args = ["bench", "kv-dtype", *window, "--kv-cache-dtypes", "auto,int8", "--batch-sizes", "1",
+            "--decode-steps", "2", "--num-rounds", "1", "--input-len", "16", "--max-model-len",
+            "256", "--plot", str(plot), "--output-json", str(record)]  # fmt: skip
+    assert main(args) == 0
+    rows = json.loads(record.read_text())["results"]["rows"]
+    assert rows[0]["perplexity"] == pytest.approx(result["perplexity"], rel=1e-6)
+    assert abs(rows[1]["perplexity_change"]) < 0.01
+    assert rows[0]["top1_agreement"] == 1.0 and rows[1]["top1_agreement"] > 0.9
+    assert plot.stat().st_size > 0

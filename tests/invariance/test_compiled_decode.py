@@ -49,3 +49,20 @@ def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, 
         ):
             for token_id, logprob in want.items():
                 assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+
+
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+def test_compiled_quantized_cache_equals_eager(
+    tiny_checkpoints: dict[str, str], kv_cache_dtype: str
+) -> None:
+    """int8 decodes through the fused kernel (dequantizing as it reads), int4 through
+    gather + SDPA inside the compiled graph: the same tokens as eager with the same dtype."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    engine_args = dict(kv_cache_dtype=kv_cache_dtype, block_size=4)
+    eager = make_engine(tiny_checkpoints["llama"], **engine_args)
+    prompts = random_prompts(eager.model_config.vocab_size, [6, 19, 11], seed=9)
+    expected = run_engine(eager, prompts, params)
+    compiled = make_engine(
+        tiny_checkpoints["llama"], compile=True, compile_sizes=(4,), **engine_args
+    )
+    assert token_ids(run_engine(compiled, prompts, params)) == token_ids(expected)

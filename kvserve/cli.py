@@ -340,8 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(ppl)
     ppl.set_defaults(func=_cmd_eval_ppl)
 
+    from kvserve.trace import cli as trace_cli
+
+    trace_cli.add_subcommands(commands)
+
     bench = commands.add_parser(
-        "bench", help="benchmarks (latency, throughput, prefix, memory, serve)"
+        "bench", help="benchmarks (latency, throughput, prefix, memory, serve, kv-dtype)"
     )
     from kvserve.bench import offline
 

@@ -29,7 +29,7 @@ from torch import nn
 
 from kvserve.kv.kv_cache import KVCaches
 from kvserve.model.attention import AttentionMetadata, attention_step
-from kvserve.model.fused_attention import fused_decode_attention
+from kvserve.model.fused_attention import fused_decode_attention, fused_reads
 from kvserve.model.layers import CausalLM
 
 logger = logging.getLogger("kvserve")
@@ -47,6 +47,9 @@ INDUCTOR_CONFIG: dict[str, Any] = {
 }
 
 
+FUSED_VARIANTS = 4  # shape classes `_warm_fused_attention` compiles
+
+
 class CompiledDecode:
     """Compiled decode forward for a fixed set of padded batch sizes."""
 
@@ -55,7 +58,11 @@ class CompiledDecode:
         self.model = model
         self.sizes = tuple(sorted(sizes))
         dynamo_config: Any = torch._dynamo.config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(sizes) + 2)
+        # Each engine adds its own entries to code objects shared by every engine of the
+        # process (the decode forward per bucket, the fused kernel per shape class and
+        # cache format, the variable-length graph): raise the limit by that many, so a
+        # second engine (`bench kv-dtype` builds one per dtype) does not fall back to eager.
+        dynamo_config.recompile_limit += len(sizes) + FUSED_VARIANTS + 1
         self._inductor_config = dict(INDUCTOR_CONFIG)
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._forward = torch.compile(_DecodeLogits(model), dynamic=False)
@@ -157,7 +164,7 @@ class CompiledDecode:
         config = self.model.config
         layer = kv_caches[0]
         k_cache = layer.k
-        if k_cache.dtype == torch.uint8:  # int4 decodes without the fused kernel
+        if not fused_reads(k_cache.dtype):  # int8, fp8, int4 decode by gather + SDPA
             return
         dtype = self.model.output_embedding().dtype
         for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kvserve.kv.quant import LayerKV, read_blocks, write_layer
-from kvserve.model.fused_attention import dense, fused_decode_attention
+from kvserve.model.fused_attention import dense, fused_decode_attention, fused_reads
 
 KVCache = LayerKV  # one layer's K/V blocks (and scales when quantized), kv/quant.py
 
@@ -245,8 +245,7 @@ def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
     """q: (num_decodes, num_heads, head_dim) -> the same shape, one SDPA call per group."""
-    # int4's packed nibbles have no compiled reader: gather + dequantize + SDPA.
-    fused = plan.fused and kv_cache.k.dtype != torch.uint8
+    fused = plan.fused and fused_reads(kv_cache.k.dtype)
     attend = _fused_group_attention if fused else _decode_group_attention
     if len(plan.groups) == 1 and plan.groups[0].rows is None:
         return attend(q, kv_cache, plan.groups[0], scale)

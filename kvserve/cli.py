@@ -227,47 +227,6 @@ def _bytes(count: int) -> str:
     return f"{count:,} bytes ({count / (1 << 30):.3f} GiB)"
 
 
-def _cmd_eval_ppl(args: argparse.Namespace) -> int:
-    import json
-
-    from kvserve.bench.perplexity import PplConfig, default_text, perplexity
-    from kvserve.llm import LLM
-
-    config = PplConfig(
-        window_len=args.window_len,
-        prefill_len=args.prefill_len,
-        chunk_len=args.chunk_len,
-        num_windows=args.num_windows,
-        batch_size=args.batch_size,
-    )
-    if args.text_file is None:
-        text = default_text()
-    else:
-        try:
-            with open(args.text_file, encoding="utf-8") as file:
-                text = file.read()
-        except OSError as error:
-            raise ValueError(f"text_file: {error}") from error
-    llm = LLM(**dataclasses.asdict(engine_config_from_args(args)))
-    if llm.tokenizer is None:
-        raise ValueError("model: has no tokenizer, so it cannot read a text")
-    token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
-    start = time.perf_counter()
-    result = perplexity(llm, token_ids, config)
-    result["elapsed_time"] = time.perf_counter() - start
-    del result["predictions"]
-    print(
-        f"perplexity {result['perplexity']:.4f} (kv_cache_dtype {result['kv_cache_dtype']}, "
-        f"{result['num_scored_tokens']} tokens in {result['num_windows']} windows of "
-        f"{config.window_len}: {config.prefill_len} prefilled in chunks of {config.chunk_len}, "
-        f"the rest decoded; {result['elapsed_time']:.1f} s)"
-    )
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as file:
-            json.dump(result, file, indent=2, allow_nan=False)
-    return 0
-
-
 def _cmd_bench(args: argparse.Namespace) -> int:
     from kvserve.bench import offline
 
@@ -324,21 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     kv_size.add_argument("--json", action="store_true", help="machine-readable output")
     kv_size.set_defaults(func=_cmd_kv_size)
 
-    evaluate = commands.add_parser("eval", help="accuracy evaluations")
-    evals = evaluate.add_subparsers(dest="eval_command", required=True)
-    ppl = evals.add_parser(
-        "ppl",
-        help="perplexity with the KV cache in --kv-cache-dtype, through prefill chunks + decode",
-    )
-    ppl.add_argument("--text-file", default=None, help="UTF-8 text (default: Genesis, KJV)")
-    ppl.add_argument("--window-len", type=int, default=512, help="tokens per window")
-    ppl.add_argument("--prefill-len", type=int, default=256, help="tokens prefilled, then decodes")
-    ppl.add_argument("--chunk-len", type=int, default=128, help="prefill chunk size")
-    ppl.add_argument("--num-windows", type=int, default=16)
-    ppl.add_argument("--batch-size", type=int, default=16, help="windows run side by side")
-    ppl.add_argument("--output-json", default=None, help="write the result here")
-    add_engine_args(ppl)
-    ppl.set_defaults(func=_cmd_eval_ppl)
+    from kvserve.bench import perplexity
+
+    perplexity.add_subcommand(commands, add_engine_args)
 
     from kvserve.trace import cli as trace_cli
 

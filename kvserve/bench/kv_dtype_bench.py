@@ -22,7 +22,13 @@ from typing import Any
 
 from kvserve.bench import plots
 from kvserve.bench import workloads as wl
-from kvserve.bench.perplexity import PplConfig, default_text, perplexity, top1_agreement
+from kvserve.bench.perplexity import (
+    PplConfig,
+    default_text,
+    perplexity,
+    read_text,
+    top1_agreement,
+)
 from kvserve.sampling_params import SamplingParams
 
 Record = dict[str, Any]
@@ -71,7 +77,7 @@ def run(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
             window_len=args.window_len, prefill_len=args.prefill_len, chunk_len=args.chunk_len,
             num_windows=args.num_windows, batch_size=min(16, args.num_windows),
         )  # fmt: skip
-        text = default_text() if args.text_file is None else _read(args.text_file)
+        text = default_text() if args.text_file is None else read_text(args.text_file)
         tokenizer = next(iter(llms.values())).tokenizer
         if tokenizer is None:
             raise ValueError("model: has no tokenizer, so perplexity cannot read a text")
@@ -174,11 +180,3 @@ def plot_ppl_vs_bytes(rows: list[Record], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as file:
-            return file.read()
-    except OSError as error:
-        raise ValueError(f"text_file: {error}") from error

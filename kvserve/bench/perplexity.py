@@ -16,15 +16,17 @@ read through their `bible` program; `make eval-deps` installs them.
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import math
 import re
 import shutil
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import torch
 
 from kvserve.engine.scheduler_output import ScheduledRequest
 from kvserve.sampling_params import SamplingParams
@@ -51,6 +53,68 @@ class PplConfig:
                 f"prefill_len: must be in [1, window_len={self.window_len}], "
                 f"got {self.prefill_len!r}"
             )
+
+
+def add_subcommand(
+    commands: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]
+) -> None:
+    """`kvserve eval ppl`, with every engine flag (`--model`, `--kv-cache-dtype`, ...)."""
+    evaluate = commands.add_parser("eval", help="accuracy evaluations")
+    evals = evaluate.add_subparsers(dest="eval_command", required=True)
+    ppl = evals.add_parser(
+        "ppl",
+        help="perplexity with the KV cache in --kv-cache-dtype, through prefill chunks + decode",
+    )
+    ppl.add_argument("--text-file", default=None, help="UTF-8 text (default: Genesis, KJV)")
+    ppl.add_argument("--window-len", type=int, default=512, help="tokens per window")
+    ppl.add_argument("--prefill-len", type=int, default=256, help="tokens prefilled, then decodes")
+    ppl.add_argument("--chunk-len", type=int, default=128, help="prefill chunk size")
+    ppl.add_argument("--num-windows", type=int, default=16)
+    ppl.add_argument("--batch-size", type=int, default=16, help="windows run side by side")
+    ppl.add_argument("--output-json", default=None, help="write the result here")
+    add_engine_args(ppl)
+    ppl.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvserve.cli import engine_config_from_args
+    from kvserve.llm import LLM
+
+    config = PplConfig(
+        window_len=args.window_len,
+        prefill_len=args.prefill_len,
+        chunk_len=args.chunk_len,
+        num_windows=args.num_windows,
+        batch_size=args.batch_size,
+    )
+    text = default_text() if args.text_file is None else read_text(args.text_file)
+    llm = LLM(**dataclasses.asdict(engine_config_from_args(args)))
+    if llm.tokenizer is None:
+        raise ValueError("model: has no tokenizer, so it cannot read a text")
+    token_ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    start = time.perf_counter()
+    result = perplexity(llm, token_ids, config)
+    result["elapsed_time"] = time.perf_counter() - start
+    del result["predictions"]
+    print(
+        f"perplexity {result['perplexity']:.4f} (kv_cache_dtype {result['kv_cache_dtype']}, "
+        f"{result['num_scored_tokens']} tokens in {result['num_windows']} windows of "
+        f"{config.window_len}: {config.prefill_len} prefilled in chunks of {config.chunk_len}, "
+        f"the rest decoded; {result['elapsed_time']:.1f} s)"
+    )
+    if args.output_json:
+        with open(args.output_json, "w", encoding="utf-8") as file:
+            json.dump(result, file, indent=2, allow_nan=False)
+    return 0
+
+
+def read_text(path: str) -> str:
+    """A UTF-8 text file; ValueError naming `text_file` when it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.read()
+    except OSError as error:
+        raise ValueError(f"text_file: {error}") from error
 
 
 def default_text() -> str:
@@ -138,6 +202,8 @@ def _score_batch(
 ) -> tuple[float, int, list[int]]:
     """Sum of NLL, count of scored positions and the top-1 predictions (window-major), for
     windows that run side by side."""
+    import torch  # here, so that building the CLI parser stays free of torch
+
     nll, count = 0.0, 0
     top1 = [[] for _ in windows]  # type: list[list[int]]
     done = 0

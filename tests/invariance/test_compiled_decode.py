@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from kvserve.sampling_params import SamplingParams
@@ -20,12 +22,7 @@ def test_compiled_decode_equals_eager(tiny_checkpoints: dict[str, str], name: st
     assert compiled.model_runner.compiled is not None
     outputs = run_engine(compiled, prompts, params)  # 3 decodes pad to bucket 4
     assert token_ids(outputs) == token_ids(expected)
-    for out, ref in zip(outputs, expected, strict=True):
-        for got, want in zip(
-            out.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True
-        ):
-            for token_id, logprob in want.items():
-                assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+    _assert_same_logprobs(outputs, expected)
     alone = run_engine(compiled, prompts[:1], params)  # bucket 1, no padding
     assert token_ids(alone) == token_ids(expected)[:1]
 
@@ -43,12 +40,7 @@ def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, 
     )
     outputs = run_engine(compiled, prompts, params)
     assert token_ids(outputs) == token_ids(expected)
-    for out, ref in zip(outputs, expected, strict=True):
-        for got, want in zip(
-            out.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True
-        ):
-            for token_id, logprob in want.items():
-                assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+    _assert_same_logprobs(outputs, expected)
 
 
 @pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
@@ -66,3 +58,11 @@ def test_compiled_quantized_cache_equals_eager(
         tiny_checkpoints["llama"], compile=True, compile_sizes=(4,), **engine_args
     )
     assert token_ids(run_engine(compiled, prompts, params)) == token_ids(expected)
+
+
+def _assert_same_logprobs(outputs: list[Any], expected: list[Any]) -> None:
+    for out, ref in zip(outputs, expected, strict=True):
+        pairs = zip(out.outputs[0].logprobs or [], ref.outputs[0].logprobs or [], strict=True)
+        for got, want in pairs:
+            for token_id, logprob in want.items():
+                assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)

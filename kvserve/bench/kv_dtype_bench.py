@@ -123,22 +123,28 @@ def run(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
 
 
 def decode_tok_s(llm: Any, batch: int, input_len: int, steps: int, seed: int) -> float:
-    """Tokens/s of `steps` decode-only steps of `batch` requests with `input_len`-token prompts."""
+    """Tokens/s of `steps` decode-only steps of `batch` requests with `input_len`-token prompts.
+
+    Every request can outlive the timed steps (`max_tokens` covers the prefill steps too, in
+    which early requests already decode), so each timed step decodes exactly `batch` rows;
+    the requests are aborted afterwards.
+    """
     engine = llm.engine
     vocab, exclude = wl.token_space(llm)
-    prompts = wl.random_prompts([input_len] * batch, vocab, f"kv-dtype-{seed}", exclude)
-    params = SamplingParams(temperature=0, max_tokens=steps + 2, ignore_eos=True)
+    prompts = wl.random_prompts([input_len] * batch, vocab, f"kv-dtype-{seed}-{batch}", exclude)
+    params = SamplingParams(temperature=0, max_tokens=input_len + steps + 2, ignore_eos=True)
     ids = [f"kvd{seed}-{batch}-{i}" for i in range(batch)]
     for request_id, prompt in zip(ids, prompts, strict=True):
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
     while any(r.num_computed_tokens < input_len for r in engine.scheduler.requests.values()):
-        engine.step()  # prompts (and their first token)
+        engine.step()  # prompts (and their first tokens)
     start = time.perf_counter()
     for _ in range(steps):
         engine.step()
     elapsed = time.perf_counter() - start
-    while engine.has_unfinished_requests():
-        engine.step()
+    assert len(engine.scheduler.requests) == batch, "a request finished inside the timed steps"
+    for request_id in ids:
+        engine.abort_request(request_id)
     return batch * steps / elapsed
 
 

@@ -48,6 +48,8 @@ class PplConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.window_len < 2:
+            raise ValueError(f"window_len: must be at least 2, got {self.window_len}")
         if not 1 <= self.prefill_len <= self.window_len:
             raise ValueError(
                 f"prefill_len: must be in [1, window_len={self.window_len}], "
@@ -152,7 +154,7 @@ def perplexity(llm: Any, token_ids: Sequence[int], config: PplConfig) -> dict[st
     if runner.kv_caches is None:
         raise ValueError("cache_mode: perplexity through the KV cache needs a cache")
     block_size = runner.block_size
-    blocks_per_window = -(-config.window_len // block_size)
+    blocks_per_window = -(-(config.window_len - 1) // block_size)  # the last token is a target
     pool = llm.engine.kv_cache_manager.pool
     batch_size = min(config.batch_size, num_windows)
     if pool.num_free_blocks < batch_size * blocks_per_window:

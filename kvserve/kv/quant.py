@@ -58,7 +58,7 @@ class LayerKV(NamedTuple):
 
     k: Tensor  # (num_blocks, block_size, kv_heads, head_dim)
     v: Tensor  # (num_blocks, block_size, kv_heads, head_dim)
-    k_scale: Tensor | None = None  # int8: (num_blocks, block_size, kv_heads) float32
+    k_scale: Tensor | None = None  # int8: (num_blocks, block_size, kvh); int4: module doc
     v_scale: Tensor | None = None  # int8: as k_scale; int4: see the module doc
 
 

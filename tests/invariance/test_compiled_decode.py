@@ -47,8 +47,8 @@ def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, 
 def test_compiled_quantized_cache_equals_eager(
     tiny_checkpoints: dict[str, str], kv_cache_dtype: str
 ) -> None:
-    """int8 decodes through the fused kernel (dequantizing as it reads), int4 through
-    gather + SDPA inside the compiled graph: the same tokens as eager with the same dtype."""
+    """Quantized caches decode by gather + dequantize + SDPA inside the compiled graph (the
+    fused kernel reads only float caches): the same tokens as eager with the same dtype."""
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     engine_args = dict(kv_cache_dtype=kv_cache_dtype, block_size=4)
     eager = make_engine(tiny_checkpoints["llama"], **engine_args)

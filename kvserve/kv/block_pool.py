@@ -11,14 +11,16 @@ has dropped, and the model runner may pad block tables and slot mappings with it
 A block is in exactly one of two states: used (ref_cnt > 0, in some block table) or free
 (ref_cnt 0, in the free queue). A free block keeps its hash and K/V until it is handed out
 again, so the free queue doubles as the LRU list of cached blocks: handing out pops the head
-(least recently freed) and evicts its hash, freeing appends at the tail.
+(least recently freed) and evicts its hash, freeing appends at the tail. Other orders of the
+free queue (FIFO, LFU, Belady's optimum for simulations) are in `eviction`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from kvserve.kv.block import FreeBlockQueue, KVBlock, require
+from kvserve.kv.block import KVBlock, require
+from kvserve.kv.eviction import NextUse, new_eviction_queue
 
 NULL_BLOCK_ID = 0
 
@@ -28,20 +30,33 @@ class BlockPool:
 
     Args:
         num_blocks: physical blocks including the null block; at least 1.
+        eviction_policy: the order in which free cached blocks are evicted (see `eviction`);
+            "lru" is the engine's.
+        next_use: for "belady" only: block hash -> index of its next access (inf: never).
+        on_evict: called with each evicted block's hash (a lower tier may keep it).
 
     Raises:
-        ValueError: num_blocks < 1.
+        ValueError: num_blocks < 1, an unknown policy, or next_use given or missing wrongly.
     """
 
-    def __init__(self, num_blocks: int) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        eviction_policy: str = "lru",
+        next_use: NextUse | None = None,
+        on_evict: Callable[[bytes], None] | None = None,
+    ) -> None:
         if num_blocks < 1:
             message = "must be >= 1 (block 0 is the null block)"
             raise ValueError(f"num_blocks: {message}, got {num_blocks}")
         self.num_blocks = num_blocks
         self.blocks = [KVBlock(block_id) for block_id in range(num_blocks)]
         self.null_block = self.blocks[NULL_BLOCK_ID]
-        self._free_queue = FreeBlockQueue(self.blocks[1:])
+        self._free_queue = new_eviction_queue(eviction_policy, next_use)
+        for block in self.blocks[1:]:
+            self._free_queue.append(block)
         self._cached: dict[bytes, KVBlock] = {}
+        self._on_evict = on_evict
         self.num_evictions = 0
 
     @property
@@ -84,6 +99,7 @@ class BlockPool:
         for block in blocks:
             self._evict(block)
             block.ref_cnt = 1
+            self._free_queue.note_new(block)
         return blocks
 
     def free_blocks(self, blocks: Iterable[KVBlock]) -> None:
@@ -119,6 +135,13 @@ class BlockPool:
             if block.ref_cnt == 0:
                 self._free_queue.remove(block)
             block.ref_cnt += 1
+            self._free_queue.note_hit(block)
+
+    def refresh_priority(self, block_hash: bytes) -> None:
+        """The future of a cached block changed (simulators with "belady"): re-rank it if free."""
+        block = self._cached.get(block_hash)
+        if block is not None and block.ref_cnt == 0:
+            self._free_queue.refresh(block)
 
     def get_cached_block(self, block_hash: bytes) -> KVBlock | None:
         """The block holding the prefix named by `block_hash`, if cached. No side effects."""
@@ -160,9 +183,12 @@ class BlockPool:
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
             return
-        del self._cached[block.block_hash]
+        block_hash = block.block_hash
+        del self._cached[block_hash]
         block.block_hash = None
         self.num_evictions += 1
+        if self._on_evict is not None:
+            self._on_evict(block_hash)
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the pool's structures disagree.
@@ -180,7 +206,7 @@ class BlockPool:
         require(len(free_ids) + num_used == self.num_usable_blocks, "free + used != total")
         null = self.null_block
         require(null.ref_cnt == 0 and null.block_hash is None, f"null block touched: {null}")
-        require(not null.in_free_queue, "null block is in the free queue")
+        require(null not in self._free_queue, "null block is in the free queue")
         for block in self.blocks:
             require(block.ref_cnt >= 0, f"negative ref_cnt: {block}")
             if block.block_hash is not None:

@@ -26,13 +26,14 @@ at most ceil((W + block_size - 1 + num_new_tokens) / block_size) real blocks: O(
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from kvserve.config import CACHE_MODES
 from kvserve.kv.block import KVBlock, require
 from kvserve.kv.block_hash import ExtraKey, extend_block_hashes
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.eviction import NextUse
 from kvserve.request import Request
 
 
@@ -57,6 +58,8 @@ class KVCacheManager:
         hash_extra_keys: what besides the tokens decides a block's K/V (model fingerprint, kv
             dtype); part of every block hash.
         sliding_window: drop blocks older than the window ("paged" only).
+        eviction_policy, next_use, on_evict: the pool's eviction order and hooks (see
+            `BlockPool`); the engine uses "lru", the trace simulator all of them.
 
     Raises:
         ValueError: an argument is out of range (the message names it).
@@ -72,6 +75,9 @@ class KVCacheManager:
         max_model_len: int,
         hash_extra_keys: tuple[ExtraKey, ...] = (),
         sliding_window: int | None = None,
+        eviction_policy: str = "lru",
+        next_use: NextUse | None = None,
+        on_evict: Callable[[bytes], None] | None = None,
     ) -> None:
         if cache_mode not in CACHE_MODES:
             raise ValueError(f"cache_mode: must be one of {CACHE_MODES}, got {cache_mode!r}")
@@ -88,7 +94,9 @@ class KVCacheManager:
         self.sliding_window = sliding_window if cache_mode == "paged" else None
         self.num_blocks = 0 if cache_mode == "none" else num_blocks
         # "none" keeps a pool of just the null block: nothing to hand out, usage 0.
-        self.pool = BlockPool(num_blocks if self.caches_kv else 1)
+        self.pool = BlockPool(
+            num_blocks if self.caches_kv else 1, eviction_policy, next_use, on_evict
+        )
         self.num_reserved_blocks = -(-max_model_len // block_size)
         self._tables: dict[str, list[KVBlock]] = {}
         self._num_cached_blocks: dict[str, int] = {}

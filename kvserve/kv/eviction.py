@@ -179,7 +179,8 @@ def new_eviction_queue(policy: str = "lru", next_use: NextUse | None = None) -> 
         raise ValueError(f"eviction_policy: must be one of {EVICTION_POLICIES}, got {policy!r}")
     if (policy == "belady") != (next_use is not None):
         raise ValueError("eviction_policy: 'belady' needs next_use (the future), others take none")
-    if policy == "belady":
-        assert next_use is not None
+    if next_use is not None:
         return BeladyQueue(next_use)
-    return {"lru": LruQueue, "fifo": FifoQueue, "lfu": LfuQueue}[policy]()
+    if policy == "fifo":
+        return FifoQueue()
+    return LfuQueue() if policy == "lfu" else LruQueue()

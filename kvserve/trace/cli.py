@@ -1,4 +1,4 @@
-"""`kvserve trace stats FILE`: the CLI of kvserve/trace (summary table, --json, --plot-dir)."""
+"""`kvserve trace stats|simulate FILE`: the CLI of kvserve/trace (simulate lives in kvserve/sim)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import os
 from typing import Any
 
+from kvserve.sim import cli as sim_cli
 from kvserve.trace.records import TraceReader
 from kvserve.trace.stats import collect, summarize
 
@@ -19,10 +20,13 @@ def add_subcommands(commands: Any) -> None:
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.add_argument("--plot-dir", default=None, help="write PNG plots here")
     stats.add_argument("--skip-bad-lines", action="store_true", help="skip and count them")
+    sim_cli.add_parser(sub)
     trace.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.trace_command == "simulate":
+        return sim_cli.run(args)
     from tqdm import tqdm
 
     reader = TraceReader(args.file, skip_bad_lines=args.skip_bad_lines)

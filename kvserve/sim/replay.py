@@ -22,6 +22,7 @@ continues through them: restored blocks are loaded instead of recomputed when th
 from __future__ import annotations
 
 import heapq
+import itertools
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -207,6 +208,7 @@ class Replay:
         )
         self._waiting: deque[_Running] = deque()
         self._running: list[tuple[float, int, _Running]] = []  # (finish time, seq, request)
+        self._admissions = itertools.count()
         self._num_accesses = 0
         self._next_output_id = -1
 
@@ -266,7 +268,7 @@ class Replay:
         self.result.peak_used_blocks = max(self.result.peak_used_blocks, used)
         prefill = record.input_length - hit_tokens - restored_tokens
         duration = self.cost.prefill_s(prefill) + load_s + self.cost.decode_s(record.output_length)
-        heapq.heappush(self._running, (now + duration, self.result.num_requests, entry))
+        heapq.heappush(self._running, (now + duration, next(self._admissions), entry))
         return True
 
     def _record_future(self, entry: _Running, num_hit: int) -> None:

@@ -99,6 +99,15 @@ def test_requests_hold_their_blocks_and_wait_first_come_first_served() -> None:
     assert sim.result.peak_used_blocks == 3  # never two requests at once: 3 + 3 > 5
 
 
+def test_requests_admitted_together_finish_together() -> None:
+    # r0 fills the cache until t=10; r1 and r2 wait, start together at 10, end together at 20
+    slow = CostModel(prefill_tokens_per_s=1e15, decode_ms_per_token=1000.0)
+    trace = [rec(0, [1, 2, 3, 4], out=10), rec(1, [5], out=10), rec(1, [6], out=10)]
+    sim = replay(trace, 5, "lru", cost=slow)
+    assert sim.result.queue_wait_s == pytest.approx([0.0, 9.0, 9.0])
+    assert sim.result.peak_used_blocks == 5
+
+
 def test_prefill_time_counts_only_uncached_tokens() -> None:
     # 1000 tok/s prefill: r0 computes 1024 tokens (1.024 s); r1 arrives at 0.5 s while r0 runs
     # and hits [1] (the engine registers a block when it is allocated) -> 512 tokens, 0.512 s

@@ -72,7 +72,8 @@ def parse_policies(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kvserve.sim.replay import CostModel, simulate
+    from kvserve.sim.replay import simulate
+    from kvserve.sim.results import CostModel
     from kvserve.sim.tiers import parse_tiers
 
     capacities = parse_capacities(args.capacity_blocks)
@@ -104,6 +105,14 @@ def run(args: argparse.Namespace) -> int:
         },
         "tiers": [t._asdict() for t in tiers or []],
         "results": results,
+        "curves": {
+            policy: [
+                [r["capacity_blocks"], r["block_hit_ratio"], r["token_hit_ratio"]]
+                for r in results
+                if r["policy"] == policy
+            ]
+            for policy in policies
+        },
     }
     if args.plot:
         from kvserve.sim.plots import plot_hit_ratio

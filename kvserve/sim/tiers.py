@@ -17,7 +17,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
-    from kvserve.sim.replay import CostModel
+    from kvserve.sim.results import CostModel
 
 
 class TierSpec(NamedTuple):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kvserve.cli import main
-from kvserve.sim.replay import CostModel, Replay, TraceScan, scan_trace, simulate
+from kvserve.sim.replay import Replay, TraceScan, scan_trace, simulate
+from kvserve.sim.results import CostModel
 from kvserve.sim.tiers import TierSpec, parse_tiers
 from kvserve.trace.records import TraceReader, TraceRecord
 from kvserve.trace.stats import collect
@@ -224,6 +225,8 @@ def test_cli_table_json_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[s
         ("lru", False), ("lru", False), ("lru", True),
         ("belady", False), ("belady", False), ("belady", True),
     ]  # fmt: skip
+    assert list(report["curves"]) == ["lru", "belady"]
+    assert [point[0] for point in report["curves"]["lru"]][:2] == [10, 40]
     unbounded = report["results"][2]["block_hit_ratio"]
     stats = collect(TraceReader(str(path)))
     assert unbounded == stats.num_hits / stats.num_blocks

@@ -164,7 +164,7 @@ class CompiledDecode:
         config = self.model.config
         layer = kv_caches[0]
         k_cache = layer.k
-        if not fused_reads(k_cache.dtype):  # int8, fp8, int4 decode by gather + SDPA
+        if not fused_reads(k_cache.dtype):  # int4 decodes by gather + SDPA
             return
         dtype = self.model.output_embedding().dtype
         for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):

@@ -43,12 +43,12 @@ def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, 
     _assert_same_logprobs(outputs, expected)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3", "int4"])
 def test_compiled_quantized_cache_equals_eager(
     tiny_checkpoints: dict[str, str], kv_cache_dtype: str
 ) -> None:
-    """Quantized caches decode by gather + dequantize + SDPA inside the compiled graph (the
-    fused kernel reads only float caches): the same tokens as eager with the same dtype."""
+    """int8 and fp8 caches decode through the fused kernel (dequantized in its loops), int4
+    by gather + dequantize + SDPA: the same tokens as eager with the same dtype."""
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
     engine_args = dict(kv_cache_dtype=kv_cache_dtype, block_size=4)
     eager = make_engine(tiny_checkpoints["llama"], **engine_args)

@@ -1,6 +1,19 @@
 import time, torch, torch.nn.functional as F
 torch.set_num_threads(2)
-from kvserve.model.fused_attention import _decode_reduction
+def _decode_reduction(q, k, v, block_ids, mask, scale):
+    return int8_fused_noscale(q, k, v, block_ids, mask, scale)
+def int8_fused_noscale(q, k, v, block_ids, mask, scale):
+    n, num_blocks = block_ids.shape
+    _, block_size, kv_heads, head_dim = k.shape
+    num_keys = num_blocks * block_size
+    group = q.shape[1] // kv_heads
+    kk = k[block_ids].to(q.dtype).view(n, num_keys, kv_heads, 1, head_dim)
+    vv = v[block_ids].to(q.dtype).view(n, num_blocks, block_size, kv_heads, 1, head_dim)
+    qq = q.view(n, 1, kv_heads, group, head_dim)
+    s = (qq * kk).sum(-1) * scale
+    s = s.masked_fill(~mask.view(n, num_keys, 1, 1), float("-inf"))
+    p = s.softmax(1).view(n, num_blocks, block_size, kv_heads, group, 1)
+    return (p * vv).sum(2).sum(1).view(n, kv_heads*group, head_dim)
 n, m, bs, kvh, hd, group = 16, 20, 16, 3, 64, 3
 NB = 2000
 torch.manual_seed(0)

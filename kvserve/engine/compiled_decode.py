@@ -164,7 +164,7 @@ class CompiledDecode:
         config = self.model.config
         layer = kv_caches[0]
         k_cache = layer.k
-        if not fused_reads(k_cache.dtype):  # int4 decodes by gather + SDPA
+        if not fused_reads(k_cache.dtype, k_cache.device):  # gather + SDPA: nothing to warm
             return
         dtype = self.model.output_embedding().dtype
         for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):

@@ -245,7 +245,7 @@ def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
     """q: (num_decodes, num_heads, head_dim) -> the same shape, one SDPA call per group."""
-    fused = plan.fused and fused_reads(kv_cache.k.dtype)
+    fused = plan.fused and fused_reads(kv_cache.k.dtype, kv_cache.k.device)
     attend = _fused_group_attention if fused else _decode_group_attention
     if len(plan.groups) == 1 and plan.groups[0].rows is None:
         return attend(q, kv_cache, plan.groups[0], scale)

@@ -175,3 +175,52 @@ def test_decodes_grouped_by_length_match_the_reference(window: int | None, fused
         [_reference(q[i : i + 1], kv[:, 0], kv[:, 1], window) for i, kv in enumerate(context)]
     )
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "fp8"])
+def test_fused_kernel_dequantizes_byte_caches_in_place(
+    kv_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fused kernel on int8 / fp8 blocks equals attention over their dequantized copies,
+    whatever code this CPU gets (the speed gate is forced open)."""
+    from kvserve.model import fused_attention
+
+    monkeypatch.setattr(fused_attention, "_cpu_vectorizes_bytes", lambda: True)
+    generator = torch.Generator().manual_seed(3)
+    layer = quant.allocate_layer(
+        NUM_BLOCKS, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, kv_dtype, torch.device("cpu")
+    )
+    k, v = torch.randn(2, NUM_BLOCKS * BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM, generator=generator)
+    quant.write_layer(layer, k, v, torch.arange(NUM_BLOCKS * BLOCK_SIZE))
+    block_ids = torch.tensor([[3, 7, 1], [5, 2, 0]])  # the second seq: 2 blocks + padding
+    mask = torch.ones(2, 3 * BLOCK_SIZE, dtype=torch.bool)
+    mask[1, 2 * BLOCK_SIZE - 1 :] = False
+    q = torch.randn(2, NUM_HEADS, HEAD_DIM, generator=generator)
+    out = fused_attention.fused_decode_attention(q, layer, block_ids, mask, HEAD_DIM**-0.5)
+    for row in range(2):
+        keys = quant.read_blocks(layer.k, layer.k_scale, block_ids[row], torch.float32)
+        values = quant.read_blocks(layer.v, layer.v_scale, block_ids[row], torch.float32)
+        length = int(mask[row].sum())
+        expected = _reference(
+            q[row : row + 1], keys.flatten(0, 1)[:length], values.flatten(0, 1)[:length], None
+        )  # one query at the last position: it sees all `length` keys
+        torch.testing.assert_close(out[row : row + 1], expected, rtol=0, atol=1e-5)
+
+
+def test_byte_caches_go_fused_only_where_inductor_vectorizes_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import torch._inductor.config as inductor_config
+
+    from kvserve.model.fused_attention import fused_reads
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert fused_reads(torch.float32, cpu) and fused_reads(torch.bfloat16, cpu)
+    assert not fused_reads(torch.int8, cpu) and not fused_reads(torch.float8_e4m3fn, cpu)
+    assert fused_reads(torch.int8, cuda)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert fused_reads(torch.int8, cpu) and fused_reads(torch.float8_e4m3fn, cpu)
+    monkeypatch.setattr(inductor_config.cpp, "simdlen", 256)  # AVX2 code on an AVX-512 CPU
+    assert not fused_reads(torch.int8, cpu)
+    assert not fused_reads(torch.uint8, cpu) and not fused_reads(torch.uint8, cuda)  # int4

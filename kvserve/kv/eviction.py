@@ -8,8 +8,8 @@ block that still carries a hash is an eviction. The order of that queue is the e
 - "lfu": the least-hit block first (hits since its contents were computed), ties least
   recently freed first.
 - "belady": the block whose next use lies farthest in the future first (Belady's MIN, the
-  offline optimum). Only a simulator knows the future: it passes `next_use(block_hash)`, the
-  index of the next access of that block (inf: never again).
+  offline optimum for one request at a time). Only a simulator knows the future: it passes
+  `next_use(block_hash)`, the index of the next access of that block (inf: never again).
 
 Blocks without a hash hold nothing reusable; every policy but "lru" hands them out first ("lru"
 keeps the engine's plain free order, which already frees a request's unshared tail first).
@@ -28,14 +28,16 @@ from kvserve.kv.block import FreeBlockQueue, KVBlock
 EVICTION_POLICIES = ("lru", "fifo", "lfu", "belady")
 
 NextUse = Callable[[bytes], float]
-_NEVER = float("inf")
+# (0, 0) for a block without a hash, which goes first; (1, rank) for a cached block.
+Priority = tuple[int, float]
+_UNHASHED: Priority = (0, 0.0)
 
 
 class _HeapQueue:
     """Free blocks by `_priority(block)`, smallest first; ties least recently freed first."""
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, KVBlock]] = []
+        self._heap: list[tuple[Priority, int, KVBlock]] = []
         self._members: dict[int, int] = {}  # block_id -> seq of its live heap entry
         self._seq = itertools.count()
 
@@ -93,7 +95,7 @@ class _HeapQueue:
     def note_hit(self, block: KVBlock) -> None:
         """`block` gained a reference (a prefix hit or a fork)."""
 
-    def _priority(self, block: KVBlock) -> float:
+    def _priority(self, block: KVBlock) -> Priority:
         raise NotImplementedError
 
 
@@ -108,10 +110,10 @@ class FifoQueue(_HeapQueue):
     def note_new(self, block: KVBlock) -> None:
         self._births[block.block_id] = next(self._clock)
 
-    def _priority(self, block: KVBlock) -> float:
+    def _priority(self, block: KVBlock) -> Priority:
         if block.block_hash is None:
-            return -1.0
-        return float(self._births.get(block.block_id, -1))
+            return _UNHASHED
+        return (1, float(self._births.get(block.block_id, -1)))
 
 
 class LfuQueue(_HeapQueue):
@@ -127,10 +129,10 @@ class LfuQueue(_HeapQueue):
     def note_hit(self, block: KVBlock) -> None:
         self._hits[block.block_id] = self._hits.get(block.block_id, 0) + 1
 
-    def _priority(self, block: KVBlock) -> float:
+    def _priority(self, block: KVBlock) -> Priority:
         if block.block_hash is None:
-            return -1.0
-        return float(self._hits.get(block.block_id, 0))
+            return _UNHASHED
+        return (1, float(self._hits.get(block.block_id, 0)))
 
 
 class BeladyQueue(_HeapQueue):
@@ -140,10 +142,10 @@ class BeladyQueue(_HeapQueue):
         super().__init__()
         self._next_use = next_use
 
-    def _priority(self, block: KVBlock) -> float:
+    def _priority(self, block: KVBlock) -> Priority:
         if block.block_hash is None:
-            return -_NEVER
-        return -self._next_use(block.block_hash)
+            return _UNHASHED
+        return (1, -self._next_use(block.block_hash))
 
 
 class LruQueue(FreeBlockQueue):

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from kvserve.kv.eviction import EVICTION_POLICIES
-from kvserve.trace.records import TraceReader, TraceRecord
+from kvserve.trace.records import TRACE_BLOCK_TOKENS, TraceReader, TraceRecord
 
 
 def add_parser(sub: Any) -> None:
@@ -29,7 +29,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--kv-bytes-per-token", type=int, default=131_072, help="from `kvserve kv-size` (tiers)"
     )
-    p.add_argument("--block-tokens", type=int, default=512, help="tokens per trace hash id")
     p.add_argument(
         "--tiers",
         default=None,
@@ -79,8 +78,6 @@ def run(args: argparse.Namespace) -> int:
     capacities = parse_capacities(args.capacity_blocks)
     policies = parse_policies(args.policy)
     tiers = parse_tiers(args.tiers) if args.tiers else None
-    if args.block_tokens < 1:
-        raise ValueError(f"--block-tokens: must be >= 1, got {args.block_tokens}")
     cost = CostModel(args.prefill_tokens_per_s, args.decode_ms_per_token, args.kv_bytes_per_token)
     reader = TraceReader(args.file, skip_bad_lines=args.skip_bad_lines)
 
@@ -90,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
         )
         return bar
 
-    results = simulate(
-        lambda: iter(reader), capacities, policies, cost, tiers, args.block_tokens, progress
-    )
+    results = simulate(lambda: iter(reader), capacities, policies, cost, tiers, progress)
     report: dict[str, Any] = {
         "file": args.file,
         "num_skipped_lines": reader.num_skipped,
@@ -101,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
             "prefill_tokens_per_s": cost.prefill_tokens_per_s,
             "decode_ms_per_token": cost.decode_ms_per_token,
             "kv_bytes_per_token": cost.kv_bytes_per_token,
-            "block_tokens": args.block_tokens,
+            "block_tokens": TRACE_BLOCK_TOKENS,
         },
         "tiers": [t._asdict() for t in tiers or []],
         "results": results,

@@ -43,32 +43,56 @@ _PARAMS = SamplingParams(max_tokens=1)
 
 @dataclass
 class TraceScan:
-    """What one pass over the trace tells every replay: sizes and, for Belady, the future."""
+    """What one pass over the trace tells every replay: sizes and, for Belady, the accesses.
+
+    `access_ids` lists every prompt block's id in trace order (8 bytes per access);
+    `request_blocks` each request's sim blocks (prompt + output) and `request_accesses` its
+    prompt blocks, so that `next_accesses` can link the accesses for one capacity.
+    """
 
     num_requests: int = 0
     num_sim_blocks: int = 0  # prompt + output blocks of all requests: an unbounded capacity
-    next_access: array[float] = field(default_factory=lambda: array("d"))  # per prompt-block access
+    access_ids: array[int] = field(default_factory=lambda: array("q"))
+    request_blocks: array[int] = field(default_factory=lambda: array("q"))
+    request_accesses: array[int] = field(default_factory=lambda: array("q"))
 
 
-def scan_trace(records: Iterable[TraceRecord], block_tokens: int = TRACE_BLOCK_TOKENS) -> TraceScan:
-    """Count blocks and link each prompt-block access to the next access of the same id."""
+def scan_trace(records: Iterable[TraceRecord]) -> TraceScan:
+    """Count blocks and record the access sequence."""
     scan = TraceScan()
-    last_access: dict[int, int] = {}
     for record in records:
+        num_blocks = len(record.hash_ids) + _num_output_blocks(record)
         scan.num_requests += 1
-        scan.num_sim_blocks += len(record.hash_ids) + _num_output_blocks(record, block_tokens)
-        for block_id in record.hash_ids:
-            access = len(scan.next_access)
-            scan.next_access.append(_NEVER)
-            previous = last_access.get(block_id)
-            if previous is not None:
-                scan.next_access[previous] = float(access)
-            last_access[block_id] = access
+        scan.num_sim_blocks += num_blocks
+        scan.request_blocks.append(num_blocks)
+        scan.request_accesses.append(len(record.hash_ids))
+        scan.access_ids.extend(record.hash_ids)
     return scan
 
 
-def _num_output_blocks(record: TraceRecord, block_tokens: int) -> int:
-    return max(1, -(-record.output_length // block_tokens))
+def next_accesses(scan: TraceScan, capacity_blocks: int) -> array[float]:
+    """For each access, the index of the next access of the same id (inf: none), skipping
+    the requests a cache of `capacity_blocks` rejects (they never run, so never hit)."""
+    links = array("d", [_NEVER]) * len(scan.access_ids)
+    following: dict[int, int] = {}  # id -> its next access after the current position
+    end = len(scan.access_ids)
+    for index in range(scan.num_requests - 1, -1, -1):
+        start = end - scan.request_accesses[index]
+        if scan.request_blocks[index] <= capacity_blocks:
+            for access in range(end - 1, start - 1, -1):
+                block_id = scan.access_ids[access]
+                links[access] = following.get(block_id, _NEVER)
+                following[block_id] = access
+        end = start
+    return links
+
+
+def _num_output_blocks(record: TraceRecord) -> int:
+    return max(1, -(-record.output_length // TRACE_BLOCK_TOKENS))
+
+
+def _block_tokens(record: TraceRecord, position: int) -> int:
+    return min(TRACE_BLOCK_TOKENS, record.input_length - position * TRACE_BLOCK_TOKENS)
 
 
 @dataclass
@@ -83,11 +107,10 @@ class Replay:
 
     Args:
         capacity_blocks: usable cache blocks (the pool has one more: the null block).
-        policy: "lru", "fifo", "lfu" or "belady" (needs `scan.next_access`).
+        policy: "lru", "fifo", "lfu" or "belady" (needs `scan`).
         cost: durations and K/V bytes.
         scan: from `scan_trace` (needed for "belady").
         tiers: lower tiers below the pool, for the multi-tier what-if.
-        block_tokens: tokens per trace block.
     """
 
     def __init__(
@@ -97,23 +120,25 @@ class Replay:
         cost: CostModel,
         scan: TraceScan | None = None,
         tiers: list[TierSpec] | None = None,
-        block_tokens: int = TRACE_BLOCK_TOKENS,
     ) -> None:
         if capacity_blocks < 1:
             raise ValueError(f"capacity_blocks: must be >= 1, got {capacity_blocks}")
         if policy == "belady" and scan is None:
             raise ValueError("policy: 'belady' needs the trace scanned first (scan=)")
         self.cost = cost
-        self.block_tokens = block_tokens
         self.result = SimResult(policy, capacity_blocks)
-        self.lower = LowerTiers(tiers or [], cost, block_tokens)
+        self.lower = LowerTiers(tiers or [], cost)
         for spec in tiers or []:
             self.result.tier_hit_blocks[spec.name] = 0
             self.result.tier_hit_tokens[spec.name] = 0
             self.result.tier_saved_s[spec.name] = 0.0
         self._next_use: dict[bytes, float] = {}
         self._belady = policy == "belady"
-        self._next_access = scan.next_access if scan is not None else array("d")
+        self._next_access = (
+            next_accesses(scan, capacity_blocks)
+            if scan is not None and self._belady
+            else array("d")
+        )
         self.manager = KVCacheManager(
             capacity_blocks + 1,
             1,
@@ -141,7 +166,7 @@ class Replay:
         return self.result
 
     def _arrive(self, record: TraceRecord, now: float) -> None:
-        num_outputs = _num_output_blocks(record, self.block_tokens)
+        num_outputs = _num_output_blocks(record)
         outputs = range(self._next_output_id, self._next_output_id - num_outputs, -1)
         self._next_output_id -= num_outputs
         request = Request(str(self.result.num_requests), [*record.hash_ids, *outputs], _PARAMS)
@@ -151,7 +176,7 @@ class Replay:
         self.result.prompt_blocks += len(record.hash_ids)
         self.result.prompt_tokens += record.input_length
         if request.num_tokens > self.manager.num_usable_blocks:
-            self.result.num_rejected += 1
+            self.result.num_rejected += 1  # (Belady's links skip it: see next_accesses)
             return
         self._waiting.append(entry)
         self._admit_waiting(now)
@@ -162,63 +187,76 @@ class Replay:
             self.result.queue_wait_s.append(now - entry.record.timestamp_ms / 1000.0)
 
     def _finish_until(self, now: float) -> None:
+        """Free every request finished by `now`; those ending at one instant all free their
+        blocks before the queue is admitted at that instant."""
         while self._running and self._running[0][0] <= now:
-            finish, _, entry = heapq.heappop(self._running)
-            self.manager.free(entry.request)
+            finish = self._running[0][0]
+            while self._running and self._running[0][0] == finish:
+                self.manager.free(heapq.heappop(self._running)[2].request)
             self._admit_waiting(finish)
 
     def _admit(self, entry: _Running, now: float) -> bool:
         request, record = entry.request, entry.record
         hit_blocks, _ = self.manager.get_computed_blocks(request)
-        if self._belady:
-            self._record_future(entry, len(hit_blocks))
-        num_new = request.num_tokens - len(hit_blocks)
-        if self.manager.allocate_slots(request, num_new, hit_blocks) is None:
-            return False
         num_hit = len(hit_blocks)
-        hit_tokens = sum(self._block_tokens(record, j) for j in range(num_hit))
-        restored_tokens, load_s = self._restore(entry, num_hit)
+        if self._belady:  # blocks past the hit: this request cannot use them, whenever it runs
+            self._record_future(entry, num_hit, len(record.hash_ids))
+        # Found before allocating: allocation demotes evicted blocks, which must not push
+        # out what this request restores (a real restore pins its source while it copies).
+        restores = self._restorable(entry, num_hit)
+        if self.manager.allocate_slots(request, request.num_tokens - num_hit, hit_blocks) is None:
+            return False
+        if self._belady:  # the hit blocks, now held: next used after this request
+            self._record_future(entry, 0, num_hit)
+        hit_tokens = sum(_block_tokens(record, j) for j in range(num_hit))
+        restored_tokens, load_s = self._count_restores(restores)
         self.result.hit_blocks += num_hit
         self.result.hit_tokens += hit_tokens
         used = self.manager.num_used_blocks
         self.result.peak_used_blocks = max(self.result.peak_used_blocks, used)
         prefill = record.input_length - hit_tokens - restored_tokens
         duration = self.cost.prefill_s(prefill) + load_s + self.cost.decode_s(record.output_length)
-        heapq.heappush(self._running, (now + duration, next(self._admissions), entry))
+        finish = round(now + duration, 6)  # microseconds: equal sums compare equal
+        heapq.heappush(self._running, (finish, next(self._admissions), entry))
         return True
 
-    def _record_future(self, entry: _Running, num_hit: int) -> None:
-        """Belady: this request's prompt blocks are next used at their next access."""
+    def _record_future(self, entry: _Running, start: int, stop: int) -> None:
+        """Belady: prompt blocks start..stop-1 of this request are next used at their next
+        access. A free cached block whose future moved is re-ranked."""
         hashes = entry.request.block_hashes
         pool = self.manager.pool
-        for j in range(len(entry.record.hash_ids)):
-            self._next_use[hashes[j]] = self._next_access[entry.first_access + j]
-            if j >= num_hit:  # cached elsewhere but not reachable now: its future moved
+        for j in range(start, stop):
+            next_use = self._next_access[entry.first_access + j]
+            if self._next_use.get(hashes[j]) != next_use:
+                self._next_use[hashes[j]] = next_use
                 pool.refresh_priority(hashes[j])
 
-    def _restore(self, entry: _Running, num_hit: int) -> tuple[int, float]:
-        """Continue the prefix run through the lower tiers: (tokens restored, load seconds)."""
+    def _restorable(self, entry: _Running, num_hit: int) -> list[tuple[TierSpec, int]]:
+        """The prefix run after the device hit through the lower tiers: (tier, tokens) per
+        block, stopping at a block in no tier or one faster to recompute than to load."""
         if not self.lower.tiers:
-            return 0, 0.0
-        restored_tokens, load_s = 0, 0.0
+            return []
+        restores = []
         hashes, record = entry.request.block_hashes, entry.record
         for j in range(num_hit, len(record.hash_ids)):
             tier = self.lower.find(hashes[j])
-            if tier is None:
+            tokens = _block_tokens(record, j)
+            if tier is None or self.lower.load_s(tier, tokens) >= self.cost.prefill_s(tokens):
                 break
-            tokens = self._block_tokens(record, j)
+            restores.append((tier, tokens))
+        return restores
+
+    def _count_restores(self, restores: list[tuple[TierSpec, int]]) -> tuple[int, float]:
+        """Add restores to the result: (tokens restored, seconds loading them)."""
+        restored_tokens, load_s = 0, 0.0
+        for tier, tokens in restores:
             block_load_s = self.lower.load_s(tier, tokens)
-            if block_load_s >= self.cost.prefill_s(tokens):
-                break  # recomputing is faster: the engine would not restore
             restored_tokens += tokens
             load_s += block_load_s
             self.result.tier_hit_blocks[tier.name] += 1
             self.result.tier_hit_tokens[tier.name] += tokens
             self.result.tier_saved_s[tier.name] += self.cost.prefill_s(tokens) - block_load_s
         return restored_tokens, load_s
-
-    def _block_tokens(self, record: TraceRecord, position: int) -> int:
-        return min(self.block_tokens, record.input_length - position * self.block_tokens)
 
 
 def simulate(
@@ -227,19 +265,18 @@ def simulate(
     policies: list[str],
     cost: CostModel,
     tiers: list[TierSpec] | None = None,
-    block_tokens: int = TRACE_BLOCK_TOKENS,
     progress: Callable[[Iterable[TraceRecord], str], Iterable[TraceRecord]] | None = None,
 ) -> list[dict[str, Any]]:
     """Every policy at every capacity (None: unbounded); one result dict per run.
 
     The trace is read once to scan it, then once per run, streaming each time.
     """
-    scan = scan_trace(records(), block_tokens)
+    scan = scan_trace(records())
     results = []
     for policy in policies:
         for capacity in capacities:
             blocks = scan.num_sim_blocks if capacity is None else capacity
-            replay = Replay(blocks, policy, cost, scan, tiers, block_tokens)
+            replay = Replay(blocks, policy, cost, scan, tiers)
             stream = records()
             if progress is not None:
                 stream = progress(stream, f"{policy} @ {blocks:,} blocks")

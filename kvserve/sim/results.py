@@ -55,6 +55,7 @@ class SimResult:
 
     def to_dict(self, cost: CostModel) -> dict[str, Any]:
         waits = sorted(self.queue_wait_s)
+        restored_tokens = sum(self.tier_hit_tokens.values())
         recompute_s = cost.prefill_s(self.prompt_tokens)
         device_saved_s = cost.prefill_s(self.hit_tokens)
         saved_s = device_saved_s + sum(self.tier_saved_s.values())
@@ -67,8 +68,9 @@ class SimResult:
             "hit_blocks": self.hit_blocks,
             "block_hit_ratio": _ratio(self.hit_blocks, self.prompt_blocks),
             "prompt_tokens": self.prompt_tokens,
-            "prefill_tokens_saved": self.hit_tokens,
             "token_hit_ratio": _ratio(self.hit_tokens, self.prompt_tokens),
+            "restored_tokens": restored_tokens,
+            "prefill_tokens_saved": self.hit_tokens + restored_tokens,
             "evictions": self.evictions,
             "peak_used_blocks": self.peak_used_blocks,
             "mean_queue_wait_s": sum(waits) / len(waits) if waits else 0.0,

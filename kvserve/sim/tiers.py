@@ -54,10 +54,9 @@ def parse_tiers(text: str) -> list[TierSpec]:
 class LowerTiers:
     """The lower tiers' contents (block hashes only) and their restore costs."""
 
-    def __init__(self, tiers: list[TierSpec], cost: CostModel, block_tokens: int) -> None:
+    def __init__(self, tiers: list[TierSpec], cost: CostModel) -> None:
         self.tiers = tiers
         self.cost = cost
-        self.block_tokens = block_tokens
         self._contents: list[OrderedDict[bytes, None]] = [OrderedDict() for _ in tiers]
 
     def put(self, block_hash: bytes) -> None:
@@ -83,6 +82,7 @@ class LowerTiers:
         """Seconds to restore `num_tokens` tokens' K/V from `tier`."""
         return num_tokens * self.cost.kv_bytes_per_token / (tier.bandwidth_gb_s * 1e9)
 
-    def num_blocks(self, name: str) -> int:
+    def contents(self, name: str) -> list[bytes]:
+        """The hashes a tier holds, least recently used first (for tests)."""
         index = [t.name for t in self.tiers].index(name)
-        return len(self._contents[index])
+        return list(self._contents[index])

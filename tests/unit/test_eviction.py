@@ -88,11 +88,11 @@ def test_belady_refresh_reranks_a_free_block_whose_future_moved() -> None:
 
 @pytest.mark.parametrize("policy", ["fifo", "lfu", "belady"])
 def test_unhashed_free_blocks_go_before_any_cached_block(policy: str) -> None:
-    next_use = (lambda key: 1.0) if policy == "belady" else None
+    next_use = (lambda key: float("inf")) if policy == "belady" else None  # ties the plain
     pool = BlockPool(4, policy, next_use=next_use)
     cached = fill(pool, 2)
     plain = pool.get_new_blocks(1)  # never cached
-    pool.free_blocks(plain + cached)
+    pool.free_blocks(cached + plain)  # the plain block is the most recently freed
     (first,) = pool.get_new_blocks(1)
     assert first is plain[0]
     assert pool.num_evictions == 0

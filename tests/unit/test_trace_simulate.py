@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from kvserve.cli import main
-from kvserve.sim.replay import Replay, TraceScan, scan_trace, simulate
+from kvserve.kv.block_hash import hash_block
+from kvserve.sim.replay import Replay, TraceScan, next_accesses, scan_trace, simulate
 from kvserve.sim.results import CostModel
 from kvserve.sim.tiers import TierSpec, parse_tiers
 from kvserve.trace.records import TraceReader, TraceRecord
@@ -62,15 +63,26 @@ def test_hand_trace_capacity_decides() -> None:
         assert sim.result.hit_blocks == 0 and sim.result.evictions == 10
 
 
-def test_ties_belady_evicts_never_used_blocks_least_recently_freed_first() -> None:
-    # capacity 4. r0 [1, 2] takes b1 b2 b3(o); frees b3, b2, b1. r1 [5] takes b4 and b3 (o0,
-    # the least recently freed of the never-used-again blocks, ties broken by free order).
-    # r2 [1, 2] then hits both: [1] and [2] were never candidates while o0 was there.
-    trace = [rec(0, [1, 2]), rec(1, [5]), rec(2, [1, 2])]
-    sim = replay(trace, 4, "belady")
-    assert sim.result.hit_blocks == 2
-    # lru evicts in free order too (b3 first, then b2 = [2]): r1 needs 2 blocks, one is free
-    assert replay(trace, 4, "lru").result.hit_blocks == 2
+def test_ties_never_used_blocks_go_least_recently_freed_first() -> None:
+    # capacity 4. r0 [1, 2] takes b1 [1], b2 [1,2], b3 o0 and frees b3, b2, b1 (tail first).
+    # r1 [5] needs 2 blocks: b4 (never used) and one eviction. For belady all three cached
+    # blocks are never used again (a tie): the least recently freed goes, o0. lfu (all 0
+    # hits) ties the same way; fifo evicts the earliest computed, [1].
+    trace = [rec(0, [1, 2]), rec(1, [5])]
+    prefix = chain([1, 2])
+    for policy, survivors in [("belady", [1, 1]), ("lfu", [1, 1]), ("fifo", [0, 1])]:
+        pool = replay(trace, 4, policy).manager.pool
+        kept = [int(pool.get_cached_block(h) is not None) for h in prefix]
+        assert kept == survivors, policy
+        assert pool.num_evictions == 1
+
+
+def chain(ids: list[int]) -> list[bytes]:
+    """The engine's block hashes of a run of sim tokens (block_size 1, no extra keys)."""
+    hashes: list[bytes] = []
+    for token in ids:
+        hashes.append(hash_block(hashes[-1] if hashes else None, [token]))
+    return hashes
 
 
 def test_prefix_stops_at_first_miss_and_tokens_count_partial_blocks() -> None:
@@ -79,6 +91,14 @@ def test_prefix_stops_at_first_miss_and_tokens_count_partial_blocks() -> None:
     sim = replay(trace, 50, "lru")
     assert sim.result.hit_blocks == 2 and sim.result.hit_tokens == 700
     assert sim.result.prompt_tokens == 2000
+
+
+def test_belady_links_skip_a_rejected_request() -> None:
+    # capacity 4: r3 (5 blocks + output) is rejected, so [10] and [10, 11] are never used
+    # again; r2 must evict them, not [6], which r4 then hits
+    trace = [rec(0, [10, 11]), rec(1, [6]), rec(2, [1]), rec(3, [10, 11, 12, 13, 14]), rec(4, [6])]
+    assert replay(trace, 4, "belady").result.hit_blocks == 1
+    assert replay(trace, 4, "lru").result.hit_blocks == 1
 
 
 def test_a_request_larger_than_the_cache_is_rejected_and_counted_as_misses() -> None:
@@ -98,6 +118,14 @@ def test_requests_hold_their_blocks_and_wait_first_come_first_served() -> None:
     assert sim.result.queue_wait_s == pytest.approx([0.0, 9.0, 18.0])
     assert sim.result.hit_blocks == 2
     assert sim.result.peak_used_blocks == 3  # never two requests at once: 3 + 3 > 5
+
+
+def test_a_request_ending_as_another_arrives_frees_its_blocks_first() -> None:
+    # 10 output tokens at 0.1 s each: r0 ends at exactly t=1.0, when r1 needs the whole cache
+    cost = CostModel(prefill_tokens_per_s=1e15, decode_ms_per_token=100.0)
+    trace = [rec(0, [1, 2, 3], out=10), rec(1, [4, 5, 6])]
+    sim = replay(trace, 4, "lru", cost=cost)
+    assert sim.result.queue_wait_s == [0.0, 0.0]
 
 
 def test_requests_admitted_together_finish_together() -> None:
@@ -139,12 +167,22 @@ def random_trace(seed: int, num_requests: int = 120) -> list[TraceRecord]:
     return records
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_belady_is_never_below_another_policy(seed: int) -> None:
+OVERLAPPING = CostModel(prefill_tokens_per_s=2000.0, decode_ms_per_token=5.0)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("cost", [INSTANT, OVERLAPPING], ids=["one-at-a-time", "overlapping"])
+def test_belady_is_never_below_another_policy(seed: int, cost: CostModel) -> None:
+    """Belady's rule is optimal for one request at a time (the instant cost model). With
+    requests overlapping, hits change durations and so timing: no theorem then, but none of
+    1,800 + 600 random cases (seeds 0-299 and 0-199, offline) had Belady below another."""
     trace = random_trace(seed)
-    for capacity in (8, 20, 60, 150):
-        hits = {p: replay(trace, capacity, p).result.hit_blocks for p in ("lru", "fifo", "lfu")}
-        belady = replay(trace, capacity, "belady").result.hit_blocks
+    for capacity in (6, 8, 20, 60, 150):
+        hits = {
+            p: replay(trace, capacity, p, cost=cost).result.hit_blocks
+            for p in ("lru", "fifo", "lfu")
+        }
+        belady = replay(trace, capacity, "belady", cost=cost).result.hit_blocks
         assert belady >= max(hits.values()), (capacity, belady, hits)
 
 
@@ -159,10 +197,13 @@ def test_unbounded_capacity_equals_the_stats_hit_ratio(seed: int) -> None:
         assert result["evictions"] == 0 and result["unbounded"]
 
 
-def test_scan_links_each_access_to_the_next_use_of_the_same_block() -> None:
-    scan = scan_trace([rec(0, [1, 2]), rec(1, [1, 3]), rec(2, [1])])
-    assert list(scan.next_access) == [2.0, float("inf"), 4.0, float("inf"), float("inf")]
-    assert scan.num_requests == 3 and scan.num_sim_blocks == 5 + 3
+def test_next_accesses_link_each_access_to_the_next_run_use_of_its_id() -> None:
+    scan = scan_trace([rec(0, [1, 2]), rec(1, [1, 3, 4, 5]), rec(2, [1])])
+    assert scan.num_requests == 3 and scan.num_sim_blocks == 7 + 3
+    never = float("inf")
+    assert list(next_accesses(scan, 10)) == [2.0, never, 6.0, never, never, never, never]
+    # at capacity 4 the 5-block request 1 is rejected: request 0's [1] is next used by 2
+    assert list(next_accesses(scan, 4))[:2] == [6.0, never]
 
 
 def test_evicted_blocks_fall_to_lower_tiers_and_are_restored_when_faster() -> None:
@@ -181,13 +222,19 @@ def test_evicted_blocks_fall_to_lower_tiers_and_are_restored_when_faster() -> No
 
 
 def test_lower_tiers_cascade_lru_victims_down() -> None:
+    # capacity 4, every request evicts all 4 blocks of the one before (o0, [1,2,3], [1,2],
+    # [1] for r1: tail first). cpu keeps the 2 newest, passing its victims to disk (3), which
+    # drops the oldest: after r2 evicts o1 [4,5,6] [4,5] [4], cpu holds [4,5] [4] and disk
+    # [1] o1 [4,5,6], least recently used first.
     sim = replay(
         [rec(0, [1, 2, 3]), rec(10, [4, 5, 6]), rec(20, [7, 8, 9])],
         4,
         "lru",
         tiers=[TierSpec("cpu", 2, 10.0), TierSpec("disk", 3, 1.0)],
     )
-    assert sim.lower.num_blocks("cpu") == 2 and sim.lower.num_blocks("disk") == 3
+    first, second = chain([1, 2, 3, -1]), chain([4, 5, 6, -2])
+    assert sim.lower.contents("cpu") == [second[1], second[0]]
+    assert sim.lower.contents("disk") == [first[0], second[3], second[2]]
 
 
 @pytest.mark.parametrize(

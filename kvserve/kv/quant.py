@@ -143,10 +143,12 @@ def quantize_fp8(x: Tensor) -> Tensor:
 def dequantize(data: Tensor, scale: Tensor | None, dtype: torch.dtype) -> Tensor:
     """Stored values (..., head_dim) and their per-row scales (...) or None (every format
     but int4, which `dequantize_blocks` reads) -> `dtype` values."""
-    values = data.to(dtype)
+    values = data.to(dtype, copy=scale is not None)  # scaled: a private copy to scale
     if scale is None:
         return values
-    return values * scale.unsqueeze(-1).to(dtype)
+    # In place on the fresh copy `to` made: a second temporary as large as the gathered
+    # blocks costs more than the multiply (int8, 16 seqs x 320 tokens: 1.2 ms vs 0.4 ms).
+    return values.mul_(scale.unsqueeze(-1).to(dtype))
 
 
 def write_layer(layer: LayerKV, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
@@ -191,12 +193,12 @@ def dequantize_blocks(data: Tensor, scale: Tensor | None, dtype: torch.dtype) ->
         return dequantize(data, scale, dtype)
     assert scale is not None
     if scale.dim() == 4:  # int4 keys: (n, 2, kvh, hd), per channel over the block
-        q = unpack_int4(data).to(dtype)  # (n, block_size, kvh, hd)
-        return q * scale[:, :1].to(dtype) + scale[:, 1:].to(dtype)
+        q = unpack_int4(data).to(dtype)  # (n, block_size, kvh, hd), a fresh tensor
+        return q.mul_(scale[:, :1].to(dtype)).add_(scale[:, 1:].to(dtype))
     q = unpack_int4(data).to(dtype)  # int4 values: scale (n, block_size, kvh, groups, 2)
     grouped = q.view(*q.shape[:-1], scale.shape[-2], -1)  # (n, bs, kvh, groups, 32)
-    out = grouped * scale[..., :1].to(dtype) + scale[..., 1:].to(dtype)
-    return out.view(q.shape)
+    grouped.mul_(scale[..., :1].to(dtype)).add_(scale[..., 1:].to(dtype))
+    return q
 
 
 # ---- int4 -------------------------------------------------------------------------------

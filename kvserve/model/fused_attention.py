@@ -28,10 +28,10 @@ def fused_reads(dtype: torch.dtype, device: torch.device) -> bool:
 
     Float caches always. int8 (each value times its token's fp32 scale inside the loops) and
     float8_e4m3fn only where inductor's loops convert bytes to float32 quickly: not on a CPU
-    without AVX-512. There its AVX2 code converts int8 lanes about 10x slower, and gather +
-    dequantize + SDPA wins. (16 seqs x 320 tokens, one layer: AVX-512 code reads int8 fused
-    in 0.28 ms against 1.6 ms for gather + SDPA and fp8 in 0.79 against 2.9 ms; the same
-    kernel with AVX2 code, `cpp.simdlen` 256, takes 3.0 ms against 1.2 ms.) Never int4: its
+    without AVX-512, whose AVX2 code converts int8 lanes about 10x slower. One layer, 16 seqs
+    x 320 tokens (scripts/byte_cache_attention.py): AVX-512 code reads int8 fused in 0.29 ms
+    against 0.42 ms for gather + dequantize + SDPA and fp8 in 0.82 against 3.1 ms; AVX2 code
+    (`cpp.simdlen` 256) takes 3.0 against 0.47 ms and 4.7 against 3.2 ms. Never int4: its
     packed nibbles and per-channel key scales have no reader here.
     """
     if dtype in _FLOAT_CACHES:

@@ -68,10 +68,39 @@ class CompiledDecode:
         self._forward = torch.compile(_DecodeLogits(model), dynamic=False)
         self._hidden: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._hidden = torch.compile(_Hidden(model), dynamic=None)
+        self._costs: dict[int, float] = {}  # bucket -> seconds a step, measured in warmup
+        self._chunk_plans: dict[int, list[int]] = {}  # num_rows -> chunks_for's answer
 
     def bucket_for(self, num_rows: int) -> int | None:
         """The smallest compiled size that holds num_rows, or None when none does."""
         return next((size for size in self.sizes if size >= num_rows), None)
+
+    def chunks_for(self, num_rows: int) -> list[int]:
+        """The buckets that run a decode batch of num_rows, cheapest by the measured bucket
+        costs: one bucket padded, or several in turn (each padded only in the last).
+
+        Above ~16 rows a decode step is compute-bound on a CPU, so padding 36 rows to 64
+        costs nearly 64 rows; 32 + 4 costs two weight reads but 28 rows less arithmetic.
+        Before `warmup` measures the costs, always the one smallest bucket that fits.
+        """
+        if not self._costs:
+            bucket = self.bucket_for(num_rows)
+            assert bucket is not None
+            return [bucket]
+        plan = self._chunk_plans.get(num_rows)
+        if plan is None:
+            # best[r]: (cost, chunks) for r rows; ties go to the larger first chunk
+            best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
+            for rows in range(1, num_rows + 1):
+                best.append(
+                    min(
+                        (self._costs[size] + best[max(0, rows - size)][0], -size,
+                         [size, *best[max(0, rows - size)][2]])
+                        for size in self.sizes
+                    )
+                )  # fmt: skip
+            plan = self._chunk_plans[num_rows] = best[num_rows][2]
+        return plan
 
     def run(
         self,
@@ -81,11 +110,15 @@ class CompiledDecode:
         kv_caches: KVCaches,
         bucket: int | None = None,
     ) -> torch.Tensor:
-        """Logits (num_rows, vocab) of a decode-only step, padded to `bucket` (default: the
-        smallest that fits; the caller checks `bucket_for` first)."""
+        """Logits (num_rows, vocab) of a decode-only step: padded to `bucket` if given, else
+        in the chunks `chunks_for` picks (the caller checks `bucket_for` first)."""
         num_rows = input_ids.shape[0]
-        bucket = bucket or self.bucket_for(num_rows)
-        assert bucket is not None and bucket >= num_rows
+        if bucket is None:
+            chunks = self.chunks_for(num_rows)
+            if len(chunks) > 1:
+                return self._run_chunks(input_ids, positions, md, kv_caches, chunks)
+            bucket = chunks[0]
+        assert bucket >= num_rows
         padded = _pad_metadata(md, bucket - num_rows)
         plans = self.model.plan_layers(padded, True, input_ids.device)
         zeros = torch.zeros(bucket - num_rows, dtype=torch.long, device=input_ids.device)
@@ -95,6 +128,25 @@ class CompiledDecode:
         ):
             logits = self._forward(torch.cat([input_ids, zeros]), torch.cat([positions, zeros]))
         return logits[:num_rows]  # (num_rows, vocab)
+
+    def _run_chunks(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        md: AttentionMetadata,
+        kv_caches: KVCaches,
+        chunks: list[int],
+    ) -> torch.Tensor:
+        """Rows [0, c0), [c0, c0 + c1), ... each through its bucket; logits concatenated."""
+        logits, start = [], 0
+        for bucket in chunks:
+            end = min(start + bucket, input_ids.shape[0])
+            part = _slice_decodes(md, start, end)
+            logits.append(
+                self.run(input_ids[start:end], positions[start:end], part, kv_caches, bucket)
+            )
+            start = end
+        return torch.cat(logits)  # (num_rows, vocab)
 
     def run_hidden(
         self,
@@ -138,6 +190,7 @@ class CompiledDecode:
                 self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"
                 self.run(empty, empty, md, kv_caches, bucket=size)
             logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
+        self._measure_costs(empty, md, kv_caches)
         start = time.perf_counter()
         self._warm_fused_attention(kv_caches, device)
         logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
@@ -154,6 +207,24 @@ class CompiledDecode:
         )
         self.run_hidden(two, two.clone(), prefill, kv_caches)
         logger.info("compiled variable-length steps in %.1f s", time.perf_counter() - start)
+
+    def _measure_costs(
+        self, empty: torch.Tensor, md: AttentionMetadata, kv_caches: KVCaches
+    ) -> None:
+        """Seconds of one step per bucket (the best of 3, on null-block rows), for
+        `chunks_for`."""
+        for size in self.sizes:
+            times = []
+            for _ in range(3):
+                start = time.perf_counter()
+                self.run(empty, empty, md, kv_caches, bucket=size)
+                times.append(time.perf_counter() - start)
+            self._costs[size] = min(times)
+        self._chunk_plans.clear()
+        logger.info(
+            "decode step ms per bucket: %s",
+            ", ".join(f"{size}: {1000 * cost:.0f}" for size, cost in self._costs.items()),
+        )
 
     def _warm_fused_attention(self, kv_caches: KVCaches, device: torch.device) -> None:
         """Compile the fused decode attention for each shape class it specializes on.
@@ -198,6 +269,20 @@ class _Hidden(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         hidden: torch.Tensor = self.model(input_ids, positions, None, None)
         return hidden  # (num_tokens, hidden)
+
+
+def _slice_decodes(md: AttentionMetadata, start: int, end: int) -> AttentionMetadata:
+    """The decode rows [start, end) of a decode-only step's metadata."""
+    assert md.slot_mapping is not None and md.block_tables is not None
+    return AttentionMetadata(
+        query_start_loc=list(range(end - start + 1)),
+        seq_lens=md.seq_lens[start:end],
+        num_decodes=end - start,
+        slot_mapping=md.slot_mapping[start:end],
+        block_tables=md.block_tables[start:end],
+        block_size=md.block_size,
+        fused_decode=md.fused_decode,
+    )
 
 
 def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:

@@ -66,3 +66,43 @@ def _assert_same_logprobs(outputs: list[Any], expected: list[Any]) -> None:
         for got, want in pairs:
             for token_id, logprob in want.items():
                 assert got[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
+
+
+def test_decode_batch_split_across_buckets_equals_eager(tiny_checkpoints: dict[str, str]) -> None:
+    """With costs that make 1-row steps cheap, 3 decodes run as three bucket-1 forwards (not
+    one padded to 4): same tokens and logprobs as eager."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=2)
+    eager = make_engine(tiny_checkpoints["llama"])
+    prompts = random_prompts(eager.model_config.vocab_size, [5, 17, 9], seed=12)
+    expected = run_engine(eager, prompts, params)
+    compiled = make_engine(tiny_checkpoints["llama"], compile=True, compile_sizes=(1, 4))
+    decode = compiled.model_runner.compiled
+    assert decode is not None and set(decode._costs) == {1, 4}  # measured in warmup
+    decode._costs = {1: 1.0, 4: 10.0}
+    decode._chunk_plans.clear()
+    assert decode.chunks_for(3) == [1, 1, 1]
+    outputs = run_engine(compiled, prompts, params)
+    assert token_ids(outputs) == token_ids(expected)
+    _assert_same_logprobs(outputs, expected)
+
+
+@pytest.mark.parametrize(
+    ("costs", "rows", "chunks"),
+    [
+        ({16: 40.0, 32: 70.0, 64: 130.0}, 36, [32, 16]),  # pad the remainder of 4 to 16
+        ({4: 12.0, 32: 70.0, 64: 130.0}, 36, [32, 4]),
+        ({4: 12.0, 32: 70.0, 64: 80.0}, 36, [64]),  # padding is cheaper than two forwards
+        ({4: 12.0, 32: 70.0, 64: 130.0}, 60, [64]),
+        ({1: 5.0, 4: 12.0}, 4, [4]),
+    ],
+)
+def test_chunks_for_minimizes_the_measured_cost(
+    costs: dict[int, float], rows: int, chunks: list[int]
+) -> None:
+    from kvserve.engine.compiled_decode import CompiledDecode
+
+    compiled = object.__new__(CompiledDecode)  # no model: chunks_for reads sizes and costs
+    compiled.sizes = tuple(sorted(costs))
+    compiled._costs, compiled._chunk_plans = costs, {}
+    assert compiled.chunks_for(rows) == chunks
+    assert sum(chunks) >= rows

@@ -63,8 +63,9 @@ class _HeapQueue:
             priority, seq, block = heapq.heappop(self._heap)
             if self._members.get(block.block_id) != seq:
                 continue  # removed (or re-added) since this entry was pushed
-            if priority != self._priority(block):  # stale priority: requeue
-                heapq.heappush(self._heap, (self._priority(block), seq, block))
+            current = self._priority(block)
+            if priority != current:  # stale priority: requeue
+                heapq.heappush(self._heap, (current, seq, block))
                 continue
             del self._members[block.block_id]
             return block
@@ -96,6 +97,12 @@ class _HeapQueue:
         """`block` gained a reference (a prefix hit or a fork)."""
 
     def _priority(self, block: KVBlock) -> Priority:
+        if block.block_hash is None:
+            return _UNHASHED
+        return (1, self._rank(block))
+
+    def _rank(self, block: KVBlock) -> float:
+        """A cached block's place in the eviction order, smallest first."""
         raise NotImplementedError
 
 
@@ -110,10 +117,8 @@ class FifoQueue(_HeapQueue):
     def note_new(self, block: KVBlock) -> None:
         self._births[block.block_id] = next(self._clock)
 
-    def _priority(self, block: KVBlock) -> Priority:
-        if block.block_hash is None:
-            return _UNHASHED
-        return (1, float(self._births.get(block.block_id, -1)))
+    def _rank(self, block: KVBlock) -> float:
+        return float(self._births.get(block.block_id, -1))
 
 
 class LfuQueue(_HeapQueue):
@@ -129,10 +134,8 @@ class LfuQueue(_HeapQueue):
     def note_hit(self, block: KVBlock) -> None:
         self._hits[block.block_id] = self._hits.get(block.block_id, 0) + 1
 
-    def _priority(self, block: KVBlock) -> Priority:
-        if block.block_hash is None:
-            return _UNHASHED
-        return (1, float(self._hits.get(block.block_id, 0)))
+    def _rank(self, block: KVBlock) -> float:
+        return float(self._hits.get(block.block_id, 0))
 
 
 class BeladyQueue(_HeapQueue):
@@ -142,10 +145,9 @@ class BeladyQueue(_HeapQueue):
         super().__init__()
         self._next_use = next_use
 
-    def _priority(self, block: KVBlock) -> Priority:
-        if block.block_hash is None:
-            return _UNHASHED
-        return (1, -self._next_use(block.block_hash))
+    def _rank(self, block: KVBlock) -> float:
+        assert block.block_hash is not None  # `_priority` ranks only cached blocks
+        return -self._next_use(block.block_hash)
 
 
 class LruQueue(FreeBlockQueue):

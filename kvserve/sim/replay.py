@@ -34,7 +34,7 @@ from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 from kvserve.sim.results import CostModel, SimResult
 from kvserve.sim.tiers import LowerTiers, TierSpec
-from kvserve.trace.records import TRACE_BLOCK_TOKENS, TraceRecord
+from kvserve.trace.records import TRACE_BLOCK_TOKENS, TraceRecord, block_tokens
 
 Records = Callable[[], Iterable[TraceRecord]]  # a fresh iterator over the trace per call
 _NEVER = float("inf")
@@ -91,10 +91,6 @@ def _num_output_blocks(record: TraceRecord) -> int:
     return max(1, -(-record.output_length // TRACE_BLOCK_TOKENS))
 
 
-def _block_tokens(record: TraceRecord, position: int) -> int:
-    return min(TRACE_BLOCK_TOKENS, record.input_length - position * TRACE_BLOCK_TOKENS)
-
-
 @dataclass
 class _Running:
     request: Request
@@ -134,17 +130,16 @@ class Replay:
             self.result.tier_saved_s[spec.name] = 0.0
         self._next_use: dict[bytes, float] = {}
         self._belady = policy == "belady"
-        self._next_access = (
-            next_accesses(scan, capacity_blocks)
-            if scan is not None and self._belady
-            else array("d")
-        )
+        self._next_access = array("d")
+        if self._belady:
+            assert scan is not None
+            self._next_access = next_accesses(scan, capacity_blocks)
         self.manager = KVCacheManager(
             capacity_blocks + 1,
             1,
             max_model_len=1 << 40,
             eviction_policy=policy,
-            next_use=self._lookup_next_use if policy == "belady" else None,
+            next_use=self._lookup_next_use if self._belady else None,
             on_evict=self.lower.put if tiers else None,
         )
         self._waiting: deque[_Running] = deque()
@@ -208,7 +203,7 @@ class Replay:
             return False
         if self._belady:  # the hit blocks, now held: next used after this request
             self._record_future(entry, 0, num_hit)
-        hit_tokens = sum(_block_tokens(record, j) for j in range(num_hit))
+        hit_tokens = sum(block_tokens(record.input_length, j) for j in range(num_hit))
         restored_tokens, load_s = self._count_restores(restores)
         self.result.hit_blocks += num_hit
         self.result.hit_tokens += hit_tokens
@@ -240,7 +235,7 @@ class Replay:
         hashes, record = entry.request.block_hashes, entry.record
         for j in range(num_hit, len(record.hash_ids)):
             tier = self.lower.find(hashes[j])
-            tokens = _block_tokens(record, j)
+            tokens = block_tokens(record.input_length, j)
             if tier is None or self.lower.load_s(tier, tokens) >= self.cost.prefill_s(tokens):
                 break
             restores.append((tier, tokens))

@@ -14,10 +14,9 @@ This is a model for sizing, not the engine's tier code (kv/tiers/): only counts 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
-if TYPE_CHECKING:
-    from kvserve.sim.results import CostModel
+from kvserve.sim.results import CostModel
 
 
 class TierSpec(NamedTuple):

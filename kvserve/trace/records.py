@@ -19,6 +19,11 @@ from typing import NamedTuple
 TRACE_BLOCK_TOKENS = 512  # tokens per hash id in the Mooncake traces
 
 
+def block_tokens(input_length: int, position: int) -> int:
+    """Tokens in prompt block `position` of a prompt of `input_length` (the last is partial)."""
+    return min(TRACE_BLOCK_TOKENS, input_length - position * TRACE_BLOCK_TOKENS)
+
+
 class TraceError(ValueError):
     """A malformed trace line; the message names the file and the line."""
 

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvserve.trace.records import TRACE_BLOCK_TOKENS, TraceRecord
+from kvserve.trace.records import TraceRecord, block_tokens
 
 RATE_BIN_S = 60.0  # arrival rate is reported per minute of the trace
 
@@ -105,7 +105,7 @@ def collect(records: Iterable[TraceRecord]) -> TraceStats:
                 stats.blocks[block_id] = _Block(now, now, access)
                 continue
             stats.num_hits += 1
-            stats.num_hit_tokens += _block_tokens(record.input_length, position)
+            stats.num_hit_tokens += block_tokens(record.input_length, position)
             # distinct blocks used strictly between the last use and now
             stats.reuse_distances.append(
                 recency.prefix(access) - recency.prefix(block.last_access + 1)
@@ -116,10 +116,6 @@ def collect(records: Iterable[TraceRecord]) -> TraceStats:
             block.last_s = now
             block.last_access = access
     return stats
-
-
-def _block_tokens(input_length: int, position: int) -> int:
-    return min(TRACE_BLOCK_TOKENS, input_length - position * TRACE_BLOCK_TOKENS)
 
 
 def summarize(stats: TraceStats) -> dict[str, Any]:

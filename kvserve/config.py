@@ -22,6 +22,7 @@ KV_CACHE_DTYPES: tuple[str, ...] = (
     "int4",
 )
 PREEMPTION_MODES: tuple[str, ...] = ("recompute",)
+ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "torch")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
 
@@ -55,6 +56,14 @@ class EngineConfig:
         default="paged", metadata={"help": "paged | contiguous (reserve max_model_len) | none"}
     )
     kv_cache_dtype: str = field(default="auto", metadata={"help": "dtype of stored K/V"})
+    attention_backend: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: decode attention in kvserve's C++ kernel where it applies (CPU, "
+            "float32 cache; built once on first use); torch: SDPA, or inductor's kernel "
+            "with --compile"
+        },
+    )
     preemption_mode: str = field(
         default="recompute", metadata={"help": "what to do with a preempted request's KV"}
     )
@@ -83,6 +92,7 @@ class EngineConfig:
         _require_positive("num_threads", self.num_threads)
         _require_choice("cache_mode", self.cache_mode, CACHE_MODES)
         _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
         _require_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         _require_choice("dtype", self.dtype, DTYPES)
         object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))

@@ -19,6 +19,7 @@ and the norms, RoPE, activations and residual adds between them fuse.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -165,8 +166,12 @@ class CompiledDecode:
         with attention_step(plans, kv_caches):  # type: ignore[arg-type]
             return self._hidden(input_ids, positions)  # (num_tokens, hidden)
 
-    def warmup(self, kv_caches: KVCaches, block_size: int, device: torch.device) -> None:
-        """Compile every bucket now (about a minute each), so no request waits for one."""
+    def warmup(
+        self, kv_caches: KVCaches, block_size: int, device: torch.device, decode_kernel: bool
+    ) -> None:
+        """Compile every bucket now (about a minute each), so no request waits for one.
+        `decode_kernel`: decode attention runs in the C++ kernel, so inductor's fused decode
+        attention is not built."""
         empty = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         md = AttentionMetadata(
             query_start_loc=[0],
@@ -176,6 +181,7 @@ class CompiledDecode:
             block_tables=torch.zeros((0, 1), dtype=torch.long, device=device),  # (0, 1)
             block_size=block_size,
             fused_decode=True,
+            decode_kernel=decode_kernel,
         )
         for size in self.sizes:
             start = time.perf_counter()
@@ -191,9 +197,10 @@ class CompiledDecode:
                 self.run(empty, empty, md, kv_caches, bucket=size)
             logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
         self._measure_costs(empty, md, kv_caches)
-        start = time.perf_counter()
-        self._warm_fused_attention(kv_caches, device)
-        logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
+        if not decode_kernel:
+            start = time.perf_counter()
+            self._warm_fused_attention(kv_caches, device)
+            logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
         start = time.perf_counter()
         two = torch.zeros(2, dtype=torch.long, device=device)  # a 2-token prompt, null block
         prefill = AttentionMetadata(
@@ -204,6 +211,7 @@ class CompiledDecode:
             block_tables=torch.zeros((1, -(-2 // block_size)), dtype=torch.long, device=device),
             block_size=block_size,
             fused_decode=True,
+            decode_kernel=decode_kernel,
         )
         self.run_hidden(two, two.clone(), prefill, kv_caches)
         logger.info("compiled variable-length steps in %.1f s", time.perf_counter() - start)
@@ -274,14 +282,13 @@ class _Hidden(nn.Module):
 def _slice_decodes(md: AttentionMetadata, start: int, end: int) -> AttentionMetadata:
     """The decode rows [start, end) of a decode-only step's metadata."""
     assert md.slot_mapping is not None and md.block_tables is not None
-    return AttentionMetadata(
+    return dataclasses.replace(
+        md,
         query_start_loc=list(range(end - start + 1)),
         seq_lens=md.seq_lens[start:end],
         num_decodes=end - start,
         slot_mapping=md.slot_mapping[start:end],
         block_tables=md.block_tables[start:end],
-        block_size=md.block_size,
-        fused_decode=md.fused_decode,
     )
 
 
@@ -293,7 +300,8 @@ def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:
     device = md.slot_mapping.device
     num_rows = len(md.seq_lens)
     width = md.block_tables.shape[1]
-    return AttentionMetadata(
+    return dataclasses.replace(
+        md,
         query_start_loc=list(range(num_rows + pad + 1)),
         seq_lens=md.seq_lens + [1] * pad,
         num_decodes=num_rows + pad,
@@ -303,6 +311,4 @@ def _pad_metadata(md: AttentionMetadata, pad: int) -> AttentionMetadata:
         block_tables=torch.cat(
             [md.block_tables, torch.zeros((pad, width), dtype=torch.long, device=device)]
         ),  # (bucket, max_blocks)
-        block_size=md.block_size,
-        fused_decode=md.fused_decode,
     )

@@ -46,7 +46,10 @@ class Engine:
         self.model_config = self.model_runner.model_config
         self.config, num_blocks = self._resolve(config)
         self.model_runner.initialize_kv_cache(
-            num_blocks, self.config.block_size, self.config.kv_cache_dtype
+            num_blocks,
+            self.config.block_size,
+            self.config.kv_cache_dtype,
+            self.config.attention_backend,
         )
         if self.config.compile:
             self.model_runner.compile_decode(self.config.compile_sizes)

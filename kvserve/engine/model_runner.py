@@ -16,6 +16,7 @@ import torch
 from kvserve.engine.compiled_decode import CompiledDecode
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvserve.kernels import decode_kernel_applies
 from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks
 from kvserve.kv.quant import storage_dtype
 from kvserve.model.attention import AttentionMetadata
@@ -42,22 +43,37 @@ class ModelRunner:
         self.kv_caches: KVCaches | None = None
         self.block_size = 0
         self.compiled: CompiledDecode | None = None
+        self.decode_kernel = False  # decode attention in kvserve's C++ kernel (kernels/)
 
-    def initialize_kv_cache(self, num_blocks: int, block_size: int, kv_cache_dtype: str) -> None:
+    def initialize_kv_cache(
+        self, num_blocks: int, block_size: int, kv_cache_dtype: str, attention_backend: str
+    ) -> None:
         """Allocate the whole KV pool once; `num_blocks == 0` runs without a cache."""
         self.block_size = block_size
         if num_blocks == 0:
             self.kv_caches = None
             return
         config = self.model_config
+        cache_dtype = storage_dtype(kv_cache_dtype, self.dtype)
         self.kv_caches = allocate_kv_caches(
             num_layers=config.num_hidden_layers,
             num_blocks=num_blocks,
             block_size=block_size,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
-            dtype=storage_dtype(kv_cache_dtype, self.dtype),
+            dtype=cache_dtype,
             device=self.device,
+        )
+        self.decode_kernel = (
+            attention_backend == "auto"
+            and self.dtype == torch.float32
+            and decode_kernel_applies(
+                config.num_attention_heads,
+                config.num_key_value_heads,
+                config.head_dim,
+                cache_dtype,
+                self.device,
+            )
         )
 
     @torch.inference_mode()
@@ -66,7 +82,7 @@ class ModelRunner:
         if self.kv_caches is None:
             raise ValueError("compile: needs a KV cache (cache_mode paged or contiguous)")
         self.compiled = CompiledDecode(self.model, sizes)
-        self.compiled.warmup(self.kv_caches, self.block_size, self.device)
+        self.compiled.warmup(self.kv_caches, self.block_size, self.device, self.decode_kernel)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -137,6 +153,7 @@ class ModelRunner:
             block_tables=self._block_tables(scheduled),
             block_size=self.block_size,
             fused_decode=self.compiled is not None,
+            decode_kernel=self.decode_kernel,
         )
         return StepInputs(
             input_ids=self._tensor(input_ids),  # (num_tokens,)

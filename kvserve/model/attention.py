@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kvserve.kernels import paged_decode_attention
 from kvserve.kv.quant import LayerKV, read_blocks, write_layer
 from kvserve.model.fused_attention import dense, fused_decode_attention, fused_reads
 
@@ -49,6 +50,7 @@ class AttentionMetadata:
     block_tables: Tensor | None  # (num_seqs, max_blocks_per_seq) int64, padded with 0
     block_size: int
     fused_decode: bool = False  # decode attention through the compiled kernel (see below)
+    decode_kernel: bool = False  # decode attention through kvserve's C++ kernel (kernels/)
 
     @property
     def num_seqs(self) -> int:
@@ -63,17 +65,27 @@ class DecodeGroup(NamedTuple):
     mask: Tensor  # (g, 1, 1, max_blocks * block_size) bool, True = attend
 
 
+class DecodeKernelPlan(NamedTuple):
+    """Every decode seq in one call of the C++ kernel, which walks each seq's own blocks."""
+
+    block_table: Tensor  # (num_decodes, width) int64, contiguous
+    seq_lens: list[int]
+    window: int | None
+
+
 class DecodePlan(NamedTuple):
     """The decode seqs, grouped by context length so short ones are not padded to long ones.
 
     Gathering K/V and attending are memory-bound: a batch padded to its longest context
     moves every padded slot too. Sorted by length, a new group starts when a context is
     below DECODE_GROUP_RATIO of its group's longest by at least DECODE_GROUP_MIN_GAP blocks.
+    The C++ kernel needs no groups: it reads each seq's blocks and no padding.
     """
 
     num_decodes: int
     groups: list[DecodeGroup]
     fused: bool  # attend with `fused_decode_attention` instead of gather + SDPA
+    kernel: DecodeKernelPlan | None = None  # attend with kernels.paged_decode_attention
 
 
 DECODE_GROUP_RATIO = 0.9
@@ -117,6 +129,10 @@ def plan_attention(
 
 def _plan_decodes(md: AttentionMetadata, window: int | None, device: torch.device) -> DecodePlan:
     n = md.num_decodes
+    if md.decode_kernel:
+        assert md.block_tables is not None, "a cached step needs block_tables"
+        kernel = DecodeKernelPlan(dense(md.block_tables[:n]), md.seq_lens[:n], window)
+        return DecodePlan(n, [], False, kernel)
     num_blocks = [-(-seq_len // md.block_size) for seq_len in md.seq_lens[:n]]
     groups: list[list[int]] = []
     for row in sorted(range(n), key=lambda r: -num_blocks[r]):
@@ -244,7 +260,12 @@ def _seq_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: 
 
 
 def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: float) -> Tensor:
-    """q: (num_decodes, num_heads, head_dim) -> the same shape, one SDPA call per group."""
+    """q: (num_decodes, num_heads, head_dim) -> the same shape: one kernel call, or one
+    SDPA / fused call per group."""
+    if plan.kernel is not None:
+        return paged_decode_attention(
+            dense(q), kv_cache.k, kv_cache.v, *plan.kernel, scale
+        )  # (num_decodes, num_heads, head_dim)
     fused = plan.fused and fused_reads(kv_cache.k.dtype, kv_cache.k.device)
     attend = _fused_group_attention if fused else _decode_group_attention
     if len(plan.groups) == 1 and plan.groups[0].rows is None:

@@ -12,13 +12,23 @@ from tests.helpers import make_engine, random_prompts, run_engine, token_ids
 pytestmark = pytest.mark.slow  # compiling takes tens of seconds per bucket
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_compiled_decode_equals_eager(tiny_checkpoints: dict[str, str], name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "backend"),
+    [("llama", "auto"), ("llama", "torch"), ("gpt2", "auto")],
+    ids=["llama-cpp-kernel", "llama-inductor-kernel", "gpt2"],
+)
+def test_compiled_decode_equals_eager(
+    tiny_checkpoints: dict[str, str], name: str, backend: str
+) -> None:
+    """Decode attention in kvserve's C++ kernel (auto) or inductor's fused kernel (torch),
+    against eager gather + SDPA."""
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
-    eager = make_engine(tiny_checkpoints[name])
+    eager = make_engine(tiny_checkpoints[name], attention_backend="torch")
     prompts = random_prompts(eager.model_config.vocab_size, [5, 17, 9], seed=11)
     expected = run_engine(eager, prompts, params)
-    compiled = make_engine(tiny_checkpoints[name], compile=True, compile_sizes=(1, 4))
+    compiled = make_engine(
+        tiny_checkpoints[name], compile=True, compile_sizes=(1, 4), attention_backend=backend
+    )
     assert compiled.model_runner.compiled is not None
     outputs = run_engine(compiled, prompts, params)  # 3 decodes pad to bucket 4
     assert token_ids(outputs) == token_ids(expected)

@@ -41,6 +41,15 @@ def test_cache_modes_agree_with_paged(
     assert token_ids(outputs) == reference
 
 
+def test_attention_backends_agree(llama: str, reference: list[list[int]]) -> None:
+    """The reference decodes through kvserve's C++ kernel (on every x86 CPU this project
+    runs on); torch's gather + SDPA gives the same tokens."""
+    engine = make_engine(llama, attention_backend="torch")
+    assert not engine.model_runner.decode_kernel
+    outputs = run_engine(engine, _prompts(engine.model_config.vocab_size), GREEDY)
+    assert token_ids(outputs) == reference
+
+
 def test_chunked_prefill_budget_7_equals_whole(llama: str, reference: list[list[int]]) -> None:
     engine = make_engine(llama, max_num_batched_tokens=7)
     outputs = run_engine(engine, _prompts(engine.model_config.vocab_size), GREEDY)

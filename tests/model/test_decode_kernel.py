@@ -1,0 +1,144 @@
+"""kvserve's C++ decode attention (kvserve/kernels) against a naive reference, and through
+`paged_attention` against the SDPA path."""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+import torch
+
+from kvserve import kernels
+from kvserve.kv import quant
+from kvserve.model.attention import AttentionMetadata, paged_attention, plan_attention
+
+CPU = torch.device("cpu")
+
+
+def _built() -> object:
+    """The kernel module. On x86 with AVX2 or AVX-512 (every machine this project runs on)
+    it must build: a failed build is a test failure, not a skip."""
+    module = kernels.decode_attention_kernel()
+    if module is None:
+        x86 = platform.machine() in ("x86_64", "AMD64")
+        assert not (x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+        pytest.skip(f"no kernel build for {torch.backends.cpu.get_cpu_capability()}")
+    return module
+
+
+def _reference(q, keys, values, window, scale):  # q (h, d); keys, values (k_len, kv, d)
+    groups = q.shape[0] // keys.shape[1]
+    start = 0 if window is None else max(0, keys.shape[0] - window)
+    k = keys[start:].repeat_interleave(groups, dim=1)  # (k, h, d)
+    v = values[start:].repeat_interleave(groups, dim=1)  # (k, h, d)
+    weights = (torch.einsum("hd,khd->hk", q, k) * scale).softmax(-1)  # (h, k)
+    return torch.einsum("hk,khd->hd", weights, v)  # (h, d)
+
+
+def _pool(seq_lens, block_size, kv_heads, head_dim, generator):
+    """A shuffled block pool holding one random context per seq, and zero-padded tables."""
+    counts = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(counts) + 3
+    ids = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
+    shape = (num_blocks, block_size, kv_heads, head_dim)
+    k_cache, v_cache = torch.randn(2, *shape, generator=generator)
+    tables, start = [], 0
+    for count in counts:
+        tables.append(ids[start : start + count])
+        start += count
+    width = max(counts) + 1  # one column of padding past the longest
+    table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    return k_cache, v_cache, tables, table
+
+
+def _context(cache, table, length):  # (length, kv_heads, head_dim) of one seq
+    return cache[torch.tensor(table)].flatten(0, 1)[:length]
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim"),
+    [(9, 3, 64), (4, 4, 128), (8, 1, 32), (16, 2, 16)],
+    ids=["gqa3-d64", "mha-d128", "mqa8-d32", "gqa8-d16"],
+)
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_matches_reference(
+    heads: int, kv_heads: int, head_dim: int, block_size: int, window: int | None
+) -> None:
+    module = _built()
+    assert module.supports(heads, kv_heads, head_dim)  # type: ignore[attr-defined]
+    generator = torch.Generator().manual_seed(block_size + head_dim)
+    seq_lens = [1, 15, 16, 17, 70, 33, 100]  # one token, block edges, many blocks
+    k_cache, v_cache, tables, table = _pool(seq_lens, block_size, kv_heads, head_dim, generator)
+    q = torch.randn(len(seq_lens), heads, head_dim, generator=generator)
+    scale = head_dim**-0.5
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, window, scale)
+    for row, (length, blocks) in enumerate(zip(seq_lens, tables, strict=True)):
+        keys = _context(k_cache, blocks, length)
+        values = _context(v_cache, blocks, length)
+        expected = _reference(q[row], keys, values, window, scale)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
+
+
+def test_kernel_refuses_what_it_cannot_read() -> None:
+    module = _built()
+    generator = torch.Generator().manual_seed(0)
+    k_cache, v_cache, _, table = _pool([20, 5], 16, 2, 32, generator)
+    q = torch.randn(2, 4, 32, generator=generator)
+    attend = kernels.paged_decode_attention
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        attend(q, k_cache, v_cache, table, [20, 16 * table.shape[1] + 1], None, 1.0)
+    bad = table.clone()
+    bad[1, 0] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        attend(q, k_cache, v_cache, bad, [20, 5], None, 1.0)
+    with pytest.raises(RuntimeError, match="float32"):
+        attend(q, k_cache.half(), v_cache.half(), table, [20, 5], None, 1.0)
+    assert not module.supports(18, 2, 32)  # type: ignore[attr-defined]  # 9 per KV head
+    assert not module.supports(4, 2, 24)  # type: ignore[attr-defined]  # not whole vectors
+    assert not kernels.decode_kernel_applies(4, 2, 32, torch.float16, CPU)
+    assert not kernels.decode_kernel_applies(4, 2, 32, torch.float32, torch.device("cuda"))
+    assert kernels.decode_kernel_applies(4, 2, 32, torch.float32, CPU)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+def test_paged_attention_with_the_kernel_equals_sdpa(window: int | None) -> None:
+    """A mixed step (3 decodes, a prefill chunk, a whole prompt): the kernel plan attends the
+    decodes in one call, and every row equals the SDPA path's."""
+    _built()
+    generator = torch.Generator().manual_seed(5)
+    heads, kv_heads, head_dim, block_size = 6, 2, 32, 4
+    num_cached, q_lens = [9, 2, 22, 6, 0], [1, 1, 1, 4, 5]
+    seq_lens = [c + n for c, n in zip(num_cached, q_lens, strict=True)]
+    counts = [-(-n // block_size) for n in seq_lens]
+    ids = (torch.randperm(40, generator=generator) + 1).tolist()
+    tables, start = [], 0
+    for count in counts:
+        tables.append(ids[start : start + count])
+        start += count
+    layer = quant.allocate_layer(41, block_size, kv_heads, head_dim, torch.float32, CPU)
+    layer.k.normal_(generator=generator)
+    layer.v.normal_(generator=generator)
+    slots = [
+        table[p // block_size] * block_size + p % block_size
+        for table, c, n in zip(tables, num_cached, q_lens, strict=True)
+        for p in range(c, c + n)
+    ]
+    width = max(counts)
+    outputs = []
+    for decode_kernel in (False, True):
+        md = AttentionMetadata(
+            query_start_loc=[0, 1, 2, 3, 7, 12],
+            seq_lens=seq_lens,
+            num_decodes=3,
+            slot_mapping=torch.tensor(slots),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
+            block_size=block_size,
+            decode_kernel=decode_kernel,
+        )
+        plan = plan_attention(md, window, cached=True, device=CPU)
+        assert plan.decode is not None and (plan.decode.kernel is not None) == decode_kernel
+        q = torch.randn(12, heads, head_dim, generator=torch.Generator().manual_seed(1))
+        k, v = torch.randn(2, 12, kv_heads, head_dim, generator=torch.Generator().manual_seed(2))
+        outputs.append(paged_attention(q, k, v, layer, plan, head_dim**-0.5))
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=2e-5)

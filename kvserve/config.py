@@ -60,8 +60,8 @@ class EngineConfig:
         default="auto",
         metadata={
             "help": "auto: decode attention in kvserve's C++ kernel where it applies (CPU, "
-            "float32 cache; built once on first use); torch: SDPA, or inductor's kernel "
-            "with --compile"
+            "float32 model, float32/float16/bfloat16/int8 cache; built once per cache dtype "
+            "on first use); torch: SDPA, or inductor's kernel with --compile"
         },
     )
     preemption_mode: str = field(

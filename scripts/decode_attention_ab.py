@@ -1,10 +1,11 @@
-"""Decode step time with the fused decode attention vs gather + SDPA, interleaved in one process.
+"""Decode step time per decode attention path, interleaved in one process: kvserve's C++
+kernel (cpp), inductor's fused kernel (fused), gather + SDPA (sdpa).
 
-    .venv/bin/python scripts/decode_attention_ab.py --batch 64 --context 400
+    .venv/bin/python scripts/decode_attention_ab.py --batch 64 --context 400 [--paths cpp,fused]
 
 Starts `--batch` requests of `--context` random tokens on the default model with `--compile`
-(that batch size only), prefills them, then alternates the attention kernel every
-`--steps` decode steps for `--rounds` rounds and prints each round's ms per step.
+(that batch size only), prefills them, then switches the path every `--steps` decode steps
+for `--rounds` rounds and prints each round's ms per step.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--paths", default="cpp,fused,sdpa", help="of cpp, fused, sdpa")
     args = parser.parse_args()
+    paths = args.paths.split(",")
+    flags = {"cpp": (True, True), "fused": (False, True), "sdpa": (False, False)}
     llm = LLM(num_threads=args.num_threads, compile=True, compile_sizes=(args.batch,))
     engine = llm.engine
     vocab, exclude = wl.token_space(llm)
     prompts = wl.random_prompts([args.context] * args.batch, vocab, "ab", exclude)
-    decode_steps = 2 * args.rounds * (args.steps + 1) + 1
+    decode_steps = len(paths) * args.rounds * (args.steps + 1) + 1
     params = SamplingParams(temperature=0, max_tokens=decode_steps, ignore_eos=True)
     for i, prompt in enumerate(prompts):
         engine.add_request(f"r{i}", {"prompt_token_ids": prompt}, params)
@@ -39,25 +43,26 @@ def main() -> None:
         engine.step()
     runner = engine.model_runner
     prepare = runner.prepare_inputs
-    fused = [True]
+    current = [paths[0]]
 
     def prepare_switched(scheduled):  # type: ignore[no-untyped-def]
         inputs = prepare(scheduled)
-        inputs.attn_metadata.fused_decode = fused[0]
+        md = inputs.attn_metadata
+        md.decode_kernel, md.fused_decode = flags[current[0]]
         return inputs
 
     runner.prepare_inputs = prepare_switched  # type: ignore[method-assign]
-    times: dict[bool, list[float]] = {True: [], False: []}
+    times: dict[str, list[float]] = {path: [] for path in paths}
     for _ in range(args.rounds):
-        for kernel in (True, False):
-            fused[0] = kernel
-            engine.step()  # untimed: the first step after a switch
+        for path in paths:
+            current[0] = path
+            engine.step()  # untimed: the first step after a switch (and a compile, once)
             start = time.perf_counter()
             for _ in range(args.steps):
                 engine.step()
-            times[kernel].append((time.perf_counter() - start) / args.steps * 1e3)
-    for kernel, label in ((True, "fused"), (False, "gather + SDPA")):
-        print(f"{label:>14} ms/step: {', '.join(f'{t:.0f}' for t in times[kernel])}")
+            times[path].append((time.perf_counter() - start) / args.steps * 1e3)
+    for path in paths:
+        print(f"{path:>6} ms/step: {', '.join(f'{t:.1f}' for t in times[path])}")
 
 
 if __name__ == "__main__":

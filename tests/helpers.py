@@ -12,6 +12,15 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 
 
+def decode_kernel_expected() -> bool:
+    """Whether kvserve's C++ decode attention must build here: x86 with AVX2 or AVX-512, the
+    CPUs this project runs on (elsewhere attention stays in torch)."""
+    import platform
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    return platform.machine() in ("x86_64", "AMD64") and capability in ("AVX2", "AVX512")
+
+
 def make_engine(model: str, **engine_args: object) -> Engine:
     engine_args.setdefault("num_kv_blocks", 256)
     engine_args.setdefault("max_model_len", 128)

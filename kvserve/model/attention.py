@@ -264,7 +264,7 @@ def _decode_attention(q: Tensor, kv_cache: KVCache, plan: DecodePlan, scale: flo
     SDPA / fused call per group."""
     if plan.kernel is not None:
         return paged_decode_attention(
-            dense(q), kv_cache.k, kv_cache.v, *plan.kernel, scale
+            dense(q), kv_cache, *plan.kernel, scale
         )  # (num_decodes, num_heads, head_dim)
     fused = plan.fused and fused_reads(kv_cache.k.dtype, kv_cache.k.device)
     attend = _fused_group_attention if fused else _decode_group_attention

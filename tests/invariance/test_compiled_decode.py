@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 
 from kvserve.sampling_params import SamplingParams
-from tests.helpers import make_engine, random_prompts, run_engine, token_ids
+from tests.helpers import (
+    decode_kernel_expected,
+    make_engine,
+    random_prompts,
+    run_engine,
+    token_ids,
+)
 
 pytestmark = pytest.mark.slow  # compiling takes tens of seconds per bucket
 
@@ -30,6 +36,7 @@ def test_compiled_decode_equals_eager(
         tiny_checkpoints[name], compile=True, compile_sizes=(1, 4), attention_backend=backend
     )
     assert compiled.model_runner.compiled is not None
+    assert compiled.model_runner.decode_kernel == (backend == "auto" and decode_kernel_expected())
     outputs = run_engine(compiled, prompts, params)  # 3 decodes pad to bucket 4
     assert token_ids(outputs) == token_ids(expected)
     _assert_same_logprobs(outputs, expected)
@@ -53,14 +60,18 @@ def test_compiled_variable_length_steps_equal_eager(tiny_checkpoints: dict[str, 
     _assert_same_logprobs(outputs, expected)
 
 
-@pytest.mark.parametrize("kv_cache_dtype", ["int8", "fp8_e4m3", "int4"])
+@pytest.mark.parametrize(
+    ("kv_cache_dtype", "backend"),
+    [("int8", "auto"), ("int8", "torch"), ("fp8_e4m3", "auto"), ("int4", "auto")],
+)
 def test_compiled_quantized_cache_equals_eager(
-    tiny_checkpoints: dict[str, str], kv_cache_dtype: str
+    tiny_checkpoints: dict[str, str], kv_cache_dtype: str, backend: str
 ) -> None:
-    """int8 and fp8 caches decode through the fused kernel (dequantized in its loops), int4
-    by gather + dequantize + SDPA: the same tokens as eager with the same dtype."""
+    """int8 decodes through kvserve's C++ kernel (auto) or inductor's fused kernel (torch),
+    both dequantizing in their loops; fp8 through the fused kernel where inductor vectorizes
+    bytes; int4 by gather + dequantize + SDPA: the same tokens as eager with the same dtype."""
     params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    engine_args = dict(kv_cache_dtype=kv_cache_dtype, block_size=4)
+    engine_args = dict(kv_cache_dtype=kv_cache_dtype, block_size=4, attention_backend=backend)
     eager = make_engine(tiny_checkpoints["llama"], **engine_args)
     prompts = random_prompts(eager.model_config.vocab_size, [6, 19, 11], seed=9)
     expected = run_engine(eager, prompts, params)

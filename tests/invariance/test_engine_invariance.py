@@ -10,7 +10,13 @@ from __future__ import annotations
 import pytest
 
 from kvserve.sampling_params import SamplingParams
-from tests.helpers import make_engine, random_prompts, run_engine, token_ids
+from tests.helpers import (
+    decode_kernel_expected,
+    make_engine,
+    random_prompts,
+    run_engine,
+    token_ids,
+)
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
 LENGTHS = [3, 40, 17, 64, 1, 29, 50, 8]
@@ -41,13 +47,38 @@ def test_cache_modes_agree_with_paged(
     assert token_ids(outputs) == reference
 
 
-def test_attention_backends_agree(llama: str, reference: list[list[int]]) -> None:
-    """The reference decodes through kvserve's C++ kernel (on every x86 CPU this project
-    runs on); torch's gather + SDPA gives the same tokens."""
-    engine = make_engine(llama, attention_backend="torch")
-    assert not engine.model_runner.decode_kernel
-    outputs = run_engine(engine, _prompts(engine.model_config.vocab_size), GREEDY)
-    assert token_ids(outputs) == reference
+@pytest.mark.parametrize(
+    ("name", "kv_cache_dtype"),
+    [
+        ("llama", "auto"),
+        ("llama", "bfloat16"),
+        ("llama", "int8"),
+        ("mistral", "auto"),  # sliding window 8
+        ("qwen2_swa", "auto"),  # one full layer, one windowed
+    ],
+)
+def test_attention_backends_agree(
+    tiny_checkpoints: dict[str, str], name: str, kv_cache_dtype: str
+) -> None:
+    """Decode attention in kvserve's C++ kernel (on every x86 CPU this project runs on) and
+    in torch (gather + SDPA) over the same cache: same tokens, logprobs within 1e-4."""
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=2)
+    outputs = []
+    for backend in ("auto", "torch"):
+        engine = make_engine(
+            tiny_checkpoints[name], kv_cache_dtype=kv_cache_dtype, attention_backend=backend
+        )
+        expected = backend == "auto" and decode_kernel_expected()
+        assert engine.model_runner.decode_kernel == expected
+        outputs.append(run_engine(engine, _prompts(engine.model_config.vocab_size), params))
+    kernel, torch_path = outputs
+    assert token_ids(kernel) == token_ids(torch_path)
+    for got, want in zip(kernel, torch_path, strict=True):
+        for got_step, want_step in zip(
+            got.outputs[0].logprobs or [], want.outputs[0].logprobs or [], strict=True
+        ):
+            for token_id, logprob in want_step.items():
+                assert got_step[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
 
 
 def test_chunked_prefill_budget_7_equals_whole(llama: str, reference: list[list[int]]) -> None:

@@ -3,25 +3,23 @@
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
 from kvserve import kernels
 from kvserve.kv import quant
 from kvserve.model.attention import AttentionMetadata, paged_attention, plan_attention
+from tests.helpers import decode_kernel_expected
 
 CPU = torch.device("cpu")
 
 
-def _built() -> object:
+def _built(cache_dtype: torch.dtype = torch.float32) -> object:
     """The kernel module. On x86 with AVX2 or AVX-512 (every machine this project runs on)
     it must build: a failed build is a test failure, not a skip."""
-    module = kernels.decode_attention_kernel()
+    module = kernels.decode_attention_kernel(cache_dtype)
     if module is None:
-        x86 = platform.machine() in ("x86_64", "AMD64")
-        assert not (x86 and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+        assert not decode_kernel_expected()
         pytest.skip(f"no kernel build for {torch.backends.cpu.get_cpu_capability()}")
     return module
 
@@ -35,24 +33,27 @@ def _reference(q, keys, values, window, scale):  # q (h, d); keys, values (k_len
     return torch.einsum("hk,khd->hd", weights, v)  # (h, d)
 
 
-def _pool(seq_lens, block_size, kv_heads, head_dim, generator):
-    """A shuffled block pool holding one random context per seq, and zero-padded tables."""
+def _pool(seq_lens, block_size, kv_heads, head_dim, generator, dtype=torch.float32):
+    """A shuffled block pool (quant.LayerKV in `dtype`) holding one random context per seq,
+    and zero-padded tables."""
     counts = [-(-n // block_size) for n in seq_lens]
     num_blocks = sum(counts) + 3
     ids = (torch.randperm(num_blocks - 1, generator=generator) + 1).tolist()
-    shape = (num_blocks, block_size, kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(2, *shape, generator=generator)
+    layer = quant.allocate_layer(num_blocks, block_size, kv_heads, head_dim, dtype, CPU)
+    k, v = torch.randn(2, num_blocks * block_size, kv_heads, head_dim, generator=generator)
+    quant.write_layer(layer, k, v, torch.arange(num_blocks * block_size))
     tables, start = [], 0
     for count in counts:
         tables.append(ids[start : start + count])
         start += count
     width = max(counts) + 1  # one column of padding past the longest
     table = torch.tensor([t + [0] * (width - len(t)) for t in tables])
-    return k_cache, v_cache, tables, table
+    return layer, tables, table
 
 
-def _context(cache, table, length):  # (length, kv_heads, head_dim) of one seq
-    return cache[torch.tensor(table)].flatten(0, 1)[:length]
+def _context(data, scale, table, length):  # (length, kv_heads, head_dim) as stored, in fp32
+    blocks = quant.read_blocks(data, scale, torch.tensor(table), torch.float32)
+    return blocks.flatten(0, 1)[:length]
 
 
 @pytest.mark.parametrize(
@@ -69,34 +70,96 @@ def test_kernel_matches_reference(
     assert module.supports(heads, kv_heads, head_dim)  # type: ignore[attr-defined]
     generator = torch.Generator().manual_seed(block_size + head_dim)
     seq_lens = [1, 15, 16, 17, 70, 33, 100]  # one token, block edges, many blocks
-    k_cache, v_cache, tables, table = _pool(seq_lens, block_size, kv_heads, head_dim, generator)
+    layer, tables, table = _pool(seq_lens, block_size, kv_heads, head_dim, generator)
     q = torch.randn(len(seq_lens), heads, head_dim, generator=generator)
     scale = head_dim**-0.5
-    out = kernels.paged_decode_attention(q, k_cache, v_cache, table, seq_lens, window, scale)
+    out = kernels.paged_decode_attention(q, layer, table, seq_lens, window, scale)
     for row, (length, blocks) in enumerate(zip(seq_lens, tables, strict=True)):
-        keys = _context(k_cache, blocks, length)
-        values = _context(v_cache, blocks, length)
+        keys = _context(layer.k, None, blocks, length)
+        values = _context(layer.v, None, blocks, length)
         expected = _reference(q[row], keys, values, window, scale)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
+    if window is not None:  # blocks wholly before the window may be gone (null block 0)
+        dropped = table.clone()
+        for row, length in enumerate(seq_lens):
+            dropped[row, : max(0, length - window) // block_size] = 0
+        again = kernels.paged_decode_attention(q, layer, dropped, seq_lens, window, scale)
+        assert torch.equal(again, out)
+
+
+@pytest.mark.parametrize("num_threads", [1, 3])
+def test_kernel_work_split_does_not_change_results(num_threads: int) -> None:
+    """One item per seq (at least twice as many seqs as threads) or one per KV head (fewer):
+    the same numbers, bit for bit, at any thread count."""
+    _built()
+    generator = torch.Generator().manual_seed(8)
+    seq_lens = [5, 40, 17, 64, 33, 1, 29, 50]
+    layer, _, table = _pool(seq_lens, 16, 3, 64, generator)
+    q = torch.randn(len(seq_lens), 9, 64, generator=generator)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(num_threads)
+        batch = kernels.paged_decode_attention(q, layer, table, seq_lens, None, 0.125)
+        alone = torch.cat(
+            [
+                kernels.paged_decode_attention(
+                    q[i : i + 1], layer, table[i : i + 1], seq_lens[i : i + 1], None, 0.125
+                )
+                for i in range(len(seq_lens))
+            ]
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(batch, alone)
+
+
+@pytest.mark.parametrize(
+    "cache_dtype", [torch.float16, torch.bfloat16, torch.int8], ids=["fp16", "bf16", "int8"]
+)
+@pytest.mark.parametrize("block_size", [1, 16, 32])
+@pytest.mark.parametrize("window", [None, 20])
+def test_kernel_reads_narrow_caches(
+    cache_dtype: torch.dtype, block_size: int, window: int | None
+) -> None:
+    """fp16 / bf16 blocks widened as they load, int8 blocks times their per-token scales:
+    equal to attention over the dequantized copies."""
+    _built(cache_dtype)
+    generator = torch.Generator().manual_seed(4)
+    seq_lens = [1, 16, 17, 70, 33]
+    layer, tables, table = _pool(seq_lens, block_size, 3, 64, generator, cache_dtype)
+    assert (layer.k_scale is not None) == (cache_dtype == torch.int8)
+    q = torch.randn(len(seq_lens), 9, 64, generator=generator)
+    out = kernels.paged_decode_attention(q, layer, table, seq_lens, window, 0.125)
+    for row, (length, blocks) in enumerate(zip(seq_lens, tables, strict=True)):
+        keys = _context(layer.k, layer.k_scale, blocks, length)
+        values = _context(layer.v, layer.v_scale, blocks, length)
+        expected = _reference(q[row], keys, values, window, 0.125)
         torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
 
 
 def test_kernel_refuses_what_it_cannot_read() -> None:
     module = _built()
     generator = torch.Generator().manual_seed(0)
-    k_cache, v_cache, _, table = _pool([20, 5], 16, 2, 32, generator)
+    layer, _, table = _pool([20, 5], 16, 2, 32, generator)
     q = torch.randn(2, 4, 32, generator=generator)
     attend = kernels.paged_decode_attention
     with pytest.raises(RuntimeError, match="outside the block table"):
-        attend(q, k_cache, v_cache, table, [20, 16 * table.shape[1] + 1], None, 1.0)
+        attend(q, layer, table, [20, 16 * table.shape[1] + 1], None, 1.0)
     bad = table.clone()
-    bad[1, 0] = k_cache.shape[0]
+    bad[1, 0] = layer.k.shape[0]
     with pytest.raises(RuntimeError, match="block id out of range"):
-        attend(q, k_cache, v_cache, bad, [20, 5], None, 1.0)
-    with pytest.raises(RuntimeError, match="float32"):
-        attend(q, k_cache.half(), v_cache.half(), table, [20, 5], None, 1.0)
+        attend(q, layer, bad, [20, 5], None, 1.0)
+    float32_build = module.paged_decode_attention  # type: ignore[attr-defined]
+    half = layer.k.half(), layer.v.half()
+    with pytest.raises(RuntimeError, match="reads Float caches"):
+        float32_build(q, *half, None, None, table, [20, 5], 0, 1.0)
+    scale = torch.ones(layer.k.shape[:3])
+    with pytest.raises(RuntimeError, match="scales go with int8"):
+        float32_build(q, layer.k, layer.v, scale, scale, table, [20, 5], 0, 1.0)
     assert not module.supports(18, 2, 32)  # type: ignore[attr-defined]  # 9 per KV head
     assert not module.supports(4, 2, 24)  # type: ignore[attr-defined]  # not whole vectors
-    assert not kernels.decode_kernel_applies(4, 2, 32, torch.float16, CPU)
+    assert not kernels.decode_kernel_applies(4, 2, 32, torch.float8_e4m3fn, CPU)
+    assert not kernels.decode_kernel_applies(4, 2, 32, torch.uint8, CPU)  # int4
     assert not kernels.decode_kernel_applies(4, 2, 32, torch.float32, torch.device("cuda"))
     assert kernels.decode_kernel_applies(4, 2, 32, torch.float32, CPU)
 

@@ -64,16 +64,13 @@ class ModelRunner:
             dtype=cache_dtype,
             device=self.device,
         )
-        self.decode_kernel = (
-            attention_backend == "auto"
-            and self.dtype == torch.float32
-            and decode_kernel_applies(
-                config.num_attention_heads,
-                config.num_key_value_heads,
-                config.head_dim,
-                cache_dtype,
-                self.device,
-            )
+        self.decode_kernel = attention_backend == "auto" and decode_kernel_applies(
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            cache_dtype,
+            self.device,
+            model_dtype=self.dtype,
         )
 
     @torch.inference_mode()

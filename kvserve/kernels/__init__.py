@@ -81,12 +81,12 @@ def decode_attention_kernel(cache_dtype: torch.dtype = torch.float32) -> Any | N
 
 def decode_kernel_applies(
     num_heads: int, num_kv_heads: int, head_dim: int, cache_dtype: torch.dtype,
-    device: torch.device,
+    device: torch.device, model_dtype: torch.dtype = torch.float32,
 ) -> bool:  # fmt: skip
     """Whether `paged_decode_attention` serves this model and cache (building it if need be):
-    float32, float16, bfloat16 or int8 blocks on the CPU, 1 to 8 query heads per KV head,
-    head_dim 1, 2, 4, 8 or 16 vectors of the CPU's width."""
-    if device.type != "cpu" or cache_dtype not in CACHE_DTYPES:
+    a float32 model, float32, float16, bfloat16 or int8 blocks on the CPU, 1 to 8 query heads
+    per KV head, head_dim 1, 2, 4, 8 or 16 vectors of the CPU's width."""
+    if device.type != "cpu" or model_dtype != torch.float32 or cache_dtype not in CACHE_DTYPES:
         return False
     module = decode_attention_kernel(cache_dtype)
     return module is not None and bool(module.supports(num_heads, num_kv_heads, head_dim))

@@ -16,6 +16,9 @@ class Logprob(NamedTuple):
 
 # One dict per generated token: candidate token id -> Logprob (top-k plus the sampled one).
 SampleLogprobs = list[dict[int, Logprob]]
+# One entry per prompt token: None for the first (nothing precedes it), then a dict as above
+# holding the prompt token's own logprob and the top-k (vLLM's `prompt_logprobs`).
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -62,6 +65,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     kv_block_ids: list[list[int]] = field(default_factory=list)
 
 

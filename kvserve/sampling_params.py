@@ -39,9 +39,7 @@ class StructuredOutputParams:
             f"set exactly one of {', '.join(_STRUCTURED_KINDS)}; got {kinds or 'none'}",
         )
         if self.json is not None:
-            _check(
-                isinstance(self.json, (str, dict)), "structured_output.json", "must be a dict or str"
-            )
+            _check(isinstance(self.json, (str, dict)), "structured_output.json", "dict or str")
             if isinstance(self.json, str):
                 try:
                     json.loads(self.json)
@@ -220,8 +218,8 @@ class SamplingParams:
 
 def _checked_logit_bias(bias: object) -> dict[int, float]:
     """Token id -> bias in [-100, 100]; keys may be ints or decimal strings (JSON keys)."""
-    _check(isinstance(bias, dict), "logit_bias", f"must be a dict of token id -> bias, got {bias!r}")
-    assert isinstance(bias, dict)
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias: must be a dict of token id -> bias, got {bias!r}")
     checked: dict[int, float] = {}
     for key, value in bias.items():
         token_id = key

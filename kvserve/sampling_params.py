@@ -49,7 +49,9 @@ class StructuredOutputParams:
         for name in ("regex", "grammar"):
             value = getattr(self, name)
             if value is not None:
-                _check(isinstance(value, str) and value, f"structured_output.{name}", "non-empty")
+                _check(
+                    isinstance(value, str) and bool(value), f"structured_output.{name}", "non-empty"
+                )
         if self.choice is not None:
             _check(
                 isinstance(self.choice, list)

@@ -108,13 +108,6 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: int | None = None
 
 
-def error_body(
-    message: str, kind: str, param: str | None = None, code: Any = None
-) -> dict[str, Any]:
-    """OpenAI's error shape."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
 def usage(output: RequestOutput) -> dict[str, Any]:
     num_prompt = len(output.prompt_token_ids)
     num_completion = sum(len(c.token_ids) for c in output.outputs)

@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvserve.server import protocol
+from kvserve.server import responses
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import Rejected, add_error_handlers
 from kvserve.server.metrics import ServerMetrics
@@ -74,7 +74,7 @@ def build_app(
         card = {
             "id": model_name,
             "object": "model",
-            "created": protocol.now(),
+            "created": responses.now(),
             "owned_by": "kvserve",
         }
         card["max_model_len"] = engine.max_model_len

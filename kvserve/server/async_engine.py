@@ -19,7 +19,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from kvserve.engine.engine import Engine, PromptInput
@@ -68,7 +68,7 @@ class AsyncEngine:
 
     async def generate(
         self, request_id: str, prompt: PromptInput, params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request and yield its cumulative output after every step that advanced it.
 
         Raises:

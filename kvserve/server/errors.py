@@ -16,6 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from kvserve.server.async_engine import EngineDeadError
+from kvserve.server.protocol import describe_validation_error
 
 
 class Rejected(Exception):
@@ -51,10 +52,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_body(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        location = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(location) or None
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg", error))
+        message, param = describe_validation_error(list(error.errors()))
         return error_response(400, message, "invalid_request_error", param)
 
     @app.exception_handler(ValueError)

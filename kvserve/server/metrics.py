@@ -15,7 +15,7 @@ is one source of truth; latency histograms are observed by the server as outputs
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -84,8 +84,17 @@ class ServerMetrics:
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    async def track(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
+    async def track(
+        self, stream: AsyncGenerator[RequestOutput, None]
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Pass outputs through, observing TTFT, the gap per new token, and e2e latency."""
+        try:
+            async for output in self._observed(stream):
+                yield output
+        finally:  # a consumer that stops early closes the engine stream now (abort)
+            await stream.aclose()
+
+    async def _observed(self, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[RequestOutput]:
         start = last = time.monotonic()
         num_tokens = 0
         async for output in stream:

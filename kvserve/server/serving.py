@@ -1,21 +1,26 @@
 """The two generation routes: a parsed request body in, an OpenAI response (or SSE stream) out.
 
-body --sampling params--> AsyncEngine.generate --> outputs --> JSON (or SSE chunks)
+    body --protocol--> SamplingParams, prompts --AsyncEngine.generate (one per prompt)-->
+         outputs --responses--> JSON, or --streaming--> SSE chunks
+
+A request with several prompts runs them concurrently; choice `i * n + j` is prompt i's j-th
+sample, as OpenAI numbers them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from fastapi import Request
 from fastapi.responses import Response
 
 from kvserve.outputs import RequestOutput
-from kvserve.server import protocol, streaming
+from kvserve.sampling_params import SamplingParams
+from kvserve.server import responses, streaming
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import ModelNotFound
 from kvserve.server.metrics import ServerMetrics
@@ -23,77 +28,125 @@ from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.tokenizer import apply_chat_template
 
 
+class RequestLimits(NamedTuple):
+    """Per-request cost limits (flags of `kvserve serve`); None chars = derived on start."""
+
+    max_prompt_chars: int | None = None
+    max_n: int = 16
+    max_batch_prompts: int = 64
+
+
 @dataclass
 class Serving:
-    """What the routes share: the engine, the served model's name and the metrics."""
+    """What the routes share: the engine, the served model's name, metrics and limits."""
 
     engine: AsyncEngine
     model_name: str
     metrics: ServerMetrics
+    limits: RequestLimits = field(default_factory=RequestLimits)
+
+    def __post_init__(self) -> None:
+        if self.limits.max_prompt_chars is None:
+            chars = self.engine.max_model_len * longest_token_chars(self.engine.tokenizer)
+            self.limits = self.limits._replace(max_prompt_chars=chars)
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """POST /v1/completions."""
-        engine, model_name = self.engine, self.model_name
-        check_model(body.model, model_name)
-        params = body.sampling_params(
-            16 if body.max_tokens is None else body.max_tokens, body.logprobs
+        check_model(body.model, self.model_name)
+        params, n = body.completion_params(self.limits.max_n)
+        prompts = body.prompts(self.limits.max_batch_prompts)
+        self._check_chars("prompt", [p for p in prompts if isinstance(p, str)])
+        request_id = self.engine.new_request_id("cmpl")
+        inputs = [_prompt_input(p, body.cache_salt) for p in prompts]
+        runs = await self._start(request_id, inputs, params)
+        shape = streaming.CompletionShape(
+            n=n,
+            echo=bool(body.echo),
+            echo_only=bool(body.echo) and body.max_tokens == 0,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.prompt_logprobs is not None,
         )
-        prompt = body.single_prompt()
-        request_id = engine.new_request_id("cmpl")
-        stream = self.metrics.track(engine.generate(request_id, prompt, params))
-        first = await _first(stream)  # validation errors surface here, before any byte is sent
         if body.stream:
-            return streaming.sse(
-                streaming.completion_chunks(model_name, body, request_id, first, stream)
-            )
-        final = await _last_or_hang_up(request, first, stream)
-        if final is None:
+            chunks = streaming.completion_chunks(self._context(request_id), body, shape, runs)
+            return streaming.sse(chunks)
+        finals = await _finish_or_hang_up(request, runs)
+        if finals is None:
             return Response(status_code=499)  # nobody is listening
+        tokenizer = self.engine.tokenizer
         choices = [
-            {
-                "index": c.index,
-                "text": c.text,
-                "logprobs": protocol.completion_logprobs(c, engine.tokenizer),
-                "finish_reason": c.finish_reason,
-            }
-            for c in final.outputs
+            streaming.completion_choice(tokenizer, shape, i * n + c.index, final, c)
+            for i, final in enumerate(finals)
+            for c in responses.best_of(shape.shown(final).outputs, n)
         ]
-        return _response(request_id, "text_completion", model_name, choices, final)
+        return self._response(request_id, "text_completion", choices, finals)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         """POST /v1/chat/completions."""
-        engine, model_name = self.engine, self.model_name
-        check_model(body.model, model_name)
-        max_tokens = body.max_completion_tokens or body.max_tokens
-        top = body.top_logprobs or 0
-        params = body.sampling_params(max_tokens, max(top, 1) if body.logprobs else None)
-        if not body.messages:
-            raise ValueError("messages: must contain at least one message")
-        if engine.tokenizer is None:
+        check_model(body.model, self.model_name)
+        params = body.chat_params(self.limits.max_n)
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
             raise ValueError("messages: this model has no tokenizer; use /v1/completions")
-        conversation = [{"role": m.role, "content": m.text()} for m in body.messages]
+        conversation = [m.as_template_message() for m in body.messages]
+        self._check_chars("messages", [m["content"] for m in conversation])
         # Rendering the template and tokenizing take milliseconds: off the event loop.
-        prompt_ids = await asyncio.to_thread(apply_chat_template, engine.tokenizer, conversation)
-        request_id = engine.new_request_id("chatcmpl")
-        stream = self.metrics.track(engine.generate(request_id, prompt_ids, params))
-        first = await _first(stream)
+        prompt_ids = await asyncio.to_thread(apply_chat_template, tokenizer, conversation)
+        request_id = self.engine.new_request_id("chatcmpl")
+        runs = await self._start(request_id, [_prompt_input(prompt_ids, body.cache_salt)], params)
+        top = params.logprobs
         if body.stream:
-            return streaming.sse(streaming.chat_chunks(model_name, body, request_id, first, stream))
-        final = await _last_or_hang_up(request, first, stream)
-        if final is None:
+            return streaming.sse(streaming.chat_chunks(self._context(request_id), body, top, runs))
+        finals = await _finish_or_hang_up(request, runs)
+        if finals is None:
             return Response(status_code=499)  # nobody is listening
-        choices = [
-            {
-                "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": protocol.chat_logprobs(c, engine.tokenizer, top)
-                if body.logprobs
-                else None,
-                "finish_reason": c.finish_reason,
-            }
-            for c in final.outputs
-        ]
-        return _response(request_id, "chat.completion", model_name, choices, final)
+        choices = [streaming.chat_choice(tokenizer, top, c) for c in finals[0].outputs]
+        return self._response(request_id, "chat.completion", choices, finals)
+
+    async def _start(
+        self, request_id: str, inputs: list[dict[str, Any]], params: SamplingParams
+    ) -> list[streaming.Run]:
+        """Queue every prompt; each run's first output is awaited, so a validation error
+        surfaces here, before any byte is sent (the runs already queued are then aborted)."""
+        runs: list[streaming.Run] = []
+        try:
+            for index, prompt in enumerate(inputs):
+                engine_id = request_id if len(inputs) == 1 else f"{request_id}-{index}"
+                stream = self.metrics.track(self.engine.generate(engine_id, prompt, params))
+                runs.append(streaming.Run(await stream.__anext__(), stream))
+        except BaseException:
+            for run in runs:
+                await run.stream.aclose()
+            raise
+        return runs
+
+    def _check_chars(self, field_name: str, texts: Sequence[str]) -> None:
+        """Reject text too long to fit the context before tokenizing it (milliseconds)."""
+        limit = self.limits.max_prompt_chars
+        num_chars = sum(len(text) for text in texts)
+        if limit is not None and num_chars > limit:
+            raise ValueError(
+                f"{field_name}: {num_chars} characters cannot fit max_model_len "
+                f"{self.engine.max_model_len} tokens (limit {limit}, --max-prompt-chars)"
+            )
+
+    def _context(self, request_id: str) -> streaming.Context:
+        return streaming.Context(request_id, self.model_name, self.engine.tokenizer)
+
+    def _response(
+        self,
+        request_id: str,
+        kind: str,
+        choices: list[dict[str, Any]],
+        finals: list[RequestOutput],
+    ) -> dict[str, Any]:
+        return {
+            "id": request_id,
+            "object": kind,
+            "created": responses.now(),
+            "model": self.model_name,
+            "choices": choices,
+            "usage": responses.usage(finals),
+        }
 
 
 def check_model(requested: str | None, served: str) -> None:
@@ -101,23 +154,25 @@ def check_model(requested: str | None, served: str) -> None:
         raise ModelNotFound(requested)
 
 
-async def _first(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    return await stream.__anext__()
+def longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the vocabulary's longest token: no token covers more prompt text, so a
+    prompt longer than max_model_len times this cannot fit (16 without a tokenizer)."""
+    if tokenizer is None:
+        return 16
+    return max((len(token) for token in tokenizer.get_vocab()), default=16)
 
 
-async def _last(first: RequestOutput, stream: AsyncIterator[RequestOutput]) -> RequestOutput:
-    last = first
-    async for output in stream:
-        last = output
-    return last
+def _prompt_input(prompt: str | list[int], cache_salt: str | None) -> dict[str, Any]:
+    key = "prompt" if isinstance(prompt, str) else "prompt_token_ids"
+    return {key: prompt, "cache_salt": cache_salt}
 
 
-async def _last_or_hang_up(
-    request: Request, first: RequestOutput, stream: AsyncIterator[RequestOutput]
-) -> RequestOutput | None:
-    """The final output, or None if the client hung up first (the request is then aborted:
-    cancelling the consumer closes the engine stream, which frees its blocks)."""
-    task = asyncio.ensure_future(_last(first, stream))
+async def _finish_or_hang_up(
+    request: Request, runs: list[streaming.Run]
+) -> list[RequestOutput] | None:
+    """Every run's final output, or None if the client hung up first (the requests are then
+    aborted: cancelling the consumers closes the engine streams, which frees their blocks)."""
+    task = asyncio.ensure_future(asyncio.gather(*(_last(run) for run in runs)))
     while not task.done():
         await asyncio.wait({task}, timeout=0.25)
         if not task.done() and await request.is_disconnected():
@@ -125,17 +180,11 @@ async def _last_or_hang_up(
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             return None
-    return task.result()
+    return list(task.result())
 
 
-def _response(
-    request_id: str, kind: str, model: str, choices: list[dict[str, Any]], final: RequestOutput
-) -> dict[str, Any]:
-    return {
-        "id": request_id,
-        "object": kind,
-        "created": protocol.now(),
-        "model": model,
-        "choices": choices,
-        "usage": protocol.usage(final),
-    }
+async def _last(run: streaming.Run) -> RequestOutput:
+    last = run.first
+    async for output in run.stream:
+        last = output
+    return last

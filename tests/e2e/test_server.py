@@ -289,7 +289,7 @@ def test_load_200_requests_32_at_once_a_third_cancelled(tiny_server: str) -> Non
     [
         ({"messages": []}, "messages"),
         ({"messages": "hi"}, "messages"),
-        ({"messages": [{"content": "no role"}]}, "messages.0.role"),
+        ({"messages": [{"content": "no role"}]}, "messages[0].role"),
         ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
     ],
 )

@@ -28,12 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from kvserve.server import responses
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import Rejected, add_error_handlers
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
-from kvserve.server.serving import Serving
+from kvserve.server.serving import Serving, check_model
 
 logger = logging.getLogger("kvserve")
 
@@ -71,14 +70,13 @@ def build_app(
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         admit(request)
-        card = {
-            "id": model_name,
-            "object": "model",
-            "created": responses.now(),
-            "owned_by": "kvserve",
-        }
-        card["max_model_len"] = engine.max_model_len
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [serving.model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str, request: Request) -> dict[str, Any]:
+        admit(request)
+        check_model(model_id, model_name)
+        return serving.model_card()
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -102,7 +102,7 @@ def chat_logprobs(
 ) -> dict[str, Any]:
     """The chat `logprobs` object: each token with its `top_logprobs` (k best, best first)."""
     content = []
-    for token_id, entry in zip(token_ids, entries, strict=True):
+    for token_id, entry in zip(token_ids, entries[: len(token_ids)], strict=True):
         assert entry is not None, "output tokens always have logprobs when asked"
         ranked = sorted(entry.items(), key=lambda item: item[1].rank)[:k]
         content.append({

@@ -50,6 +50,16 @@ class Serving:
             chars = self.engine.max_model_len * longest_token_chars(self.engine.tokenizer)
             self.limits = self.limits._replace(max_prompt_chars=chars)
 
+    def model_card(self) -> dict[str, Any]:
+        """The served model as `/v1/models` lists it."""
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": responses.now(),
+            "owned_by": "kvserve",
+            "max_model_len": self.engine.max_model_len,
+        }
+
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """POST /v1/completions."""
         check_model(body.model, self.model_name)
@@ -68,7 +78,7 @@ class Serving:
         )
         if body.stream:
             chunks = streaming.completion_chunks(self._context(request_id), body, shape, runs)
-            return streaming.sse(chunks)
+            return streaming.sse(chunks, request_id)
         finals = await _finish_or_hang_up(request, runs)
         if finals is None:
             return Response(status_code=499)  # nobody is listening
@@ -95,7 +105,8 @@ class Serving:
         runs = await self._start(request_id, [_prompt_input(prompt_ids, body.cache_salt)], params)
         top = params.logprobs
         if body.stream:
-            return streaming.sse(streaming.chat_chunks(self._context(request_id), body, top, runs))
+            chunks = streaming.chat_chunks(self._context(request_id), body, top, runs)
+            return streaming.sse(chunks, request_id)
         finals = await _finish_or_hang_up(request, runs)
         if finals is None:
             return Response(status_code=499)  # nobody is listening

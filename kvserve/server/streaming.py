@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -18,7 +19,10 @@ from fastapi.responses import StreamingResponse
 
 from kvserve.outputs import CompletionOutput, RequestOutput
 from kvserve.server import responses
+from kvserve.server.errors import error_body
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
+
+logger = logging.getLogger("kvserve")
 
 
 class Run(NamedTuple):
@@ -117,7 +121,8 @@ def _completion_delta(
             prompt = responses.prompt_text(tokenizer, output)
         before = _Sent(0, 0, None, 0 if shape.echo else len(prompt))
     token_ids: list[int] = list(c.token_ids[before.num_tokens :])
-    entries: list[responses.Entry] = list((c.logprobs or [])[before.num_tokens :])
+    # the engine may have appended to its logprobs list since this output was made
+    entries: list[responses.Entry] = list((c.logprobs or [])[before.num_tokens : len(c.token_ids)])
     text = c.text[before.num_chars :]
     if first and shape.echo:
         text = prompt + text
@@ -134,10 +139,19 @@ def _completion_delta(
     return choice, _Sent(len(c.token_ids), len(c.text), c.finish_reason, offset)
 
 
-def sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+def sse(chunks: AsyncIterator[dict[str, Any]], request_id: str) -> StreamingResponse:
+    """The chunks as SSE frames. A fault after the first byte cannot change the status code:
+    it ends the stream with an OpenAI-shaped error event (logged with its traceback)."""
+
     async def frames() -> AsyncIterator[str]:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk)}\n\n"
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk)}\n\n"
+        except Exception as error:
+            logger.exception("request %s failed while streaming", request_id)
+            message = f"request {request_id} failed: {type(error).__name__}: {error}"
+            body = error_body(message, "internal_server_error")
+            yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(frames(), media_type="text/event-stream")
@@ -230,7 +244,8 @@ async def chat_chunks(
             choice = {"index": c.index, "delta": delta, "logprobs": None}
             choice |= {"finish_reason": c.finish_reason}
             if top is not None and c.logprobs is not None:
-                new_ids, new_entries = c.token_ids[num_tokens:], c.logprobs[num_tokens:]
+                new_ids = c.token_ids[num_tokens:]
+                new_entries = c.logprobs[num_tokens : len(c.token_ids)]
                 choice["logprobs"] = responses.chat_logprobs(
                     ctx.tokenizer, new_ids, new_entries, top
                 )

@@ -98,7 +98,7 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         tokenized = [self.engine.tokenize(prompt) for prompt in prompt_list]
         search = BeamSearch(self.engine, beam_width, max_tokens, length_penalty, ignore_eos)
-        results = search.run([prompt.prompt_token_ids for prompt in tokenized])
+        results = search.run(tokenized)
         outputs = []
         for prompt, sequences in zip(tokenized, results, strict=True):
             for sequence in sequences:

@@ -215,3 +215,20 @@ def test_each_position_is_scored_once(
             assert entry_a is not None and entry_b is not None
             token = prompt[i]
             assert entry_a[token].logprob == pytest.approx(entry_b[token].logprob, abs=0.05)
+
+
+@pytest.mark.slow  # compiling takes tens of seconds
+def test_compiled_steps_give_the_eager_prompt_logprobs(tiny_checkpoints: dict[str, str]) -> None:
+    """--compile: prefill chunks and mixed steps run through `run_hidden`, whose hidden
+    states of every row feed the prompt logprobs; same values as eager."""
+    engine_args: dict[str, Any] = dict(block_size=4, max_num_batched_tokens=16)
+    prompts = random_prompts(256, [30, 7, 21], seed=9)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, prompt_logprobs=K)
+    expected = run_engine(make_engine(tiny_checkpoints["llama"], **engine_args), prompts, params)
+    compiled = make_engine(
+        tiny_checkpoints["llama"], compile=True, compile_sizes=(2,), **engine_args
+    )
+    outputs = run_engine(compiled, prompts, params)
+    for got, want in zip(outputs, expected, strict=True):
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+        assert_same(got.prompt_logprobs, want.prompt_logprobs, tol=1e-4)

@@ -18,12 +18,9 @@ import torch
 from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
-from kvserve.engine.prompts import (  # noqa: F401 (PromptInput, check_cache_salt: re-exported)
-    PromptInput,
-    TokenizedPrompt,
-    check_cache_salt,
-    tokenize_prompt,
-)
+from kvserve.engine.prompts import PromptInput as PromptInput  # re-exported (older imports)
+from kvserve.engine.prompts import TokenizedPrompt, tokenize_prompt
+from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-exported
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.kv_cache_manager import KVCacheManager

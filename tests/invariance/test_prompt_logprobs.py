@@ -232,3 +232,19 @@ def test_compiled_steps_give_the_eager_prompt_logprobs(tiny_checkpoints: dict[st
     for got, want in zip(outputs, expected, strict=True):
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
         assert_same(got.prompt_logprobs, want.prompt_logprobs, tol=1e-4)
+
+
+def test_lm_head_slices_do_not_change_values(
+    tiny_checkpoints: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The LM head runs on at most MAX_ROWS_PER_SLICE rows at a time (bounded memory); slices
+    of 3 rows over two requests in one step give the values of one slice (to float
+    rounding: a GEMM over fewer rows may sum in another order)."""
+    import kvserve.engine.prompt_logprobs as runner_side
+
+    engine = make_engine(tiny_checkpoints["llama"])
+    prompts = random_prompts(engine.model_config.vocab_size, [40, 11], seed=10)
+    expected = run_engine(engine, prompts, PARAMS)
+    monkeypatch.setattr(runner_side, "MAX_ROWS_PER_SLICE", 3)
+    for got, want in zip(run_engine(engine, prompts, PARAMS), expected, strict=True):
+        assert_same(got.prompt_logprobs, want.prompt_logprobs)  # GEMMs of other row counts

@@ -10,7 +10,8 @@ from tqdm.auto import tqdm
 
 from kvserve.config import EngineConfig
 from kvserve.engine.beam_search import BeamSearch, BeamSearchOutput
-from kvserve.engine.engine import Engine, PromptInput, check_cache_salt
+from kvserve.engine.engine import Engine
+from kvserve.engine.prompts import PromptInput
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import apply_chat_template
@@ -49,18 +50,12 @@ class LLM:
         """
         prompt_list = _as_prompt_list(prompts)
         params_list = _as_params_list(sampling_params, len(prompt_list))
-        requests = []  # tokenized once: (text, token ids, cache salt)
-        for prompt, params in zip(prompt_list, params_list, strict=True):
-            text, token_ids = self.engine.tokenize(prompt)
-            self.engine.validate(token_ids, params)
-            salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
-            check_cache_salt(salt)
-            requests.append(({"prompt": text, "prompt_token_ids": token_ids}, salt))
+        tokenized = [self.engine.tokenize(prompt) for prompt in prompt_list]  # salts kept
+        for prompt, params in zip(tokenized, params_list, strict=True):
+            self.engine.validate(prompt.prompt_token_ids, params)
         request_ids = [str(next(self._ids)) for _ in prompt_list]
-        for request_id, (prompt, salt), params in zip(
-            request_ids, requests, params_list, strict=True
-        ):
-            self.engine.add_request(request_id, prompt, params, cache_salt=salt)
+        for request_id, prompt, params in zip(request_ids, tokenized, params_list, strict=True):
+            self.engine.add_request(request_id, prompt, params)
         return self._run(request_ids, use_tqdm)
 
     def chat(
@@ -103,12 +98,12 @@ class LLM:
         prompt_list = _as_prompt_list(prompts)
         tokenized = [self.engine.tokenize(prompt) for prompt in prompt_list]
         search = BeamSearch(self.engine, beam_width, max_tokens, length_penalty, ignore_eos)
-        results = search.run([token_ids for _, token_ids in tokenized])
+        results = search.run(tokenized)
         outputs = []
-        for (text, token_ids), sequences in zip(tokenized, results, strict=True):
+        for prompt, sequences in zip(tokenized, results, strict=True):
             for sequence in sequences:
                 sequence.text = self._decode(sequence.token_ids)
-            outputs.append(BeamSearchOutput(text, token_ids, sequences))
+            outputs.append(BeamSearchOutput(prompt.text, prompt.prompt_token_ids, sequences))
         return outputs
 
     def get_metrics(self) -> EngineMetrics:
@@ -118,7 +113,10 @@ class LLM:
     def generate_stream(
         self, prompt: PromptInput, sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:
-        """Yield the request's cumulative output after every step that advanced it."""
+        """Yield the request's cumulative output after every step that advanced it.
+
+        The prompt is as for `generate` (a dict's `cache_salt` included).
+        """
         request_id = str(next(self._ids))
         self.engine.add_request(request_id, prompt, sampling_params or SamplingParams())
         finished = False

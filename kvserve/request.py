@@ -67,6 +67,8 @@ class Request:
         # Prompt tokens found in the prefix cache at first scheduling (reported to the user).
         self.num_cached_tokens = -1
         self.num_preemptions = 0
+        # Prompt-logprob positions [0, n) already scheduled once (see prompt_logprob_positions).
+        self.num_prompt_logprobs_scheduled = 0
         # Hashes of the full blocks of all_token_ids, extended by the KV cache manager.
         self.block_hashes: list[bytes] = []
         self.first_scheduled_time: float | None = None
@@ -94,6 +96,38 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def max_prefix_hit_tokens(self) -> int:
+        """How many leading tokens a prefix-cache hit may cover.
+
+        The last token is always recomputed (its logits are needed). A request that asks for
+        `prompt_logprobs` must compute the logits of every prompt position once, so a hit
+        may only cover positions already scored: none at first (as in vLLM, such a request
+        takes no prefix hit), all of them when it resumes after a preemption.
+        """
+        limit = max(0, self.num_tokens - 1)
+        if self.sampling_params.prompt_logprobs is None:
+            return limit
+        return min(limit, self.num_prompt_logprobs_scheduled)
+
+    def take_prompt_logprob_positions(self, start: int, num_new: int) -> range:
+        """The positions of a chunk [start, start + num_new) whose logits score a prompt
+        token for the first time; records them as scheduled.
+
+            positions   0 ..... done-1 | done ...... P-2 | P-1 (scores the first output)
+                        scored earlier | due now, within the chunk
+
+        Returns an empty range for a request without `prompt_logprobs`.
+        """
+        if self.sampling_params.prompt_logprobs is None:
+            return range(0)
+        first = max(start, self.num_prompt_logprobs_scheduled)
+        end = min(start + num_new, self.num_prompt_tokens - 1)
+        if end <= first:
+            return range(0)
+        self.num_prompt_logprobs_scheduled = end
+        return range(first, end)
+
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
@@ -115,6 +149,7 @@ class Request:
         child.all_token_ids = list(self.all_token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
+        child.num_prompt_logprobs_scheduled = self.num_prompt_logprobs_scheduled
         child.block_hashes = list(self.block_hashes)
         child.first_scheduled_time = self.first_scheduled_time
         child.first_token_time = self.first_token_time

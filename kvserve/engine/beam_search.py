@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvserve.engine.prompts import TokenizedPrompt
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
 
@@ -70,6 +71,7 @@ class _Group:
     """One prompt's beams and hypotheses."""
 
     prompt_token_ids: list[int]
+    cache_salt: str | None = None
     beams: list[_Beam] = field(default_factory=list)
     hypotheses: list[BeamSequence] = field(default_factory=list)
     improvable: bool = True  # transformers' early-stop heuristic, once False stays False
@@ -127,11 +129,15 @@ class BeamSearch:
         )
         self._ids = itertools.count()
 
-    def run(self, prompts: Sequence[list[int]]) -> list[list[BeamSequence]]:
-        """The hypotheses of every prompt, best first, in input order."""
-        for prompt in prompts:
-            self.engine.validate(prompt, self.params)
-        groups = [_Group(list(prompt)) for prompt in prompts]
+    def run(self, prompts: Sequence[list[int] | TokenizedPrompt]) -> list[list[BeamSequence]]:
+        """The hypotheses of every prompt (token ids, or tokenized with a cache salt), best
+        first, in input order."""
+        tokenized = [
+            p if isinstance(p, TokenizedPrompt) else TokenizedPrompt(None, p) for p in prompts
+        ]
+        for prompt in tokenized:
+            self.engine.validate(prompt.prompt_token_ids, self.params)
+        groups = [_Group(list(p.prompt_token_ids), p.cache_salt) for p in tokenized]
         max_active = self.engine.config.max_num_seqs // self.beam_width
         queue = list(reversed(groups))
         active: list[_Group] = []
@@ -159,7 +165,9 @@ class BeamSearch:
 
     def _start(self, group: _Group) -> _Group:
         request_id = self._new_id()
-        request = Request(request_id, group.prompt_token_ids, self.params)
+        request = Request(
+            request_id, group.prompt_token_ids, self.params, cache_salt=group.cache_salt
+        )
         self.scheduler.add_request(request)
         group.beams = [_Beam(request_id, [], 0.0)]
         return group

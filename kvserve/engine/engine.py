@@ -18,6 +18,9 @@ import torch
 from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
+from kvserve.engine.prompts import PromptInput as PromptInput  # re-exported (older imports)
+from kvserve.engine.prompts import TokenizedPrompt, tokenize_prompt
+from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-exported
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -31,7 +34,6 @@ from kvserve.tokenizer import load_tokenizer
 logger = logging.getLogger("kvserve")
 
 DEFAULT_MAX_MODEL_LEN = 4096
-PromptInput = str | list[int] | dict[str, Any]
 
 
 class Engine:
@@ -100,16 +102,18 @@ class Engine:
     def add_request(
         self,
         request_id: str,
-        prompt: PromptInput,
+        prompt: PromptInput | TokenizedPrompt,
         params: SamplingParams,
         arrival_time: float | None = None,
-        cache_salt: str | None = None,
     ) -> None:
-        """Validate and queue a request; raises ValueError (naming the field) before any work."""
+        """Validate and queue a request; raises ValueError (naming the field) before any work.
+
+        `prompt` is anything `tokenize` takes, or what it returned (not tokenized again); a
+        dict prompt's `cache_salt` is read here and nowhere else (see `engine/prompts.py`).
+        """
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id: {request_id!r} is already running")
-        check_cache_salt(cache_salt)
-        text, prompt_token_ids = self.tokenize(prompt)
+        text, prompt_token_ids, cache_salt = self.tokenize(prompt)
         params = self.validate(prompt_token_ids, params)
         children = [
             Request(
@@ -155,24 +159,10 @@ class Engine:
             generation_tokens=stats.num_generation_tokens,
         )
 
-    def tokenize(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
-        """A prompt is text, a list of token ids, or {"prompt_token_ids": [...]}."""
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                prompt = prompt["prompt"]
-            else:
-                raise ValueError("prompt: a dict prompt needs 'prompt' or 'prompt_token_ids'")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            if self.tokenizer is None:
-                raise ValueError("prompt: this model has no tokenizer; pass prompt_token_ids")
-            return prompt, list(self.tokenizer.encode(prompt))
-        if isinstance(prompt, list):
-            return None, list(prompt)
-        raise ValueError(f"prompt: expected str, list of token ids or dict, got {type(prompt)}")
+    def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:
+        """Text, token ids and cache salt of a prompt (see `engine/prompts.py`); ValueError
+        naming the field for a malformed one. Token ids are checked by `validate`."""
+        return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
         """Check a request against the model and the engine limits; resolve max_tokens."""
@@ -185,6 +175,11 @@ class Engine:
                     f"prompt_token_ids: token id {token_id!r} is outside the vocabulary "
                     f"[0, {vocab_size})"
                 )
+        outside = [t for t in params.logit_bias or {} if t >= vocab_size]
+        if outside:
+            raise ValueError(
+                f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {vocab_size})"
+            )
         num_prompt = len(prompt_token_ids)
         if num_prompt >= self.max_model_len:
             raise ValueError(
@@ -265,12 +260,6 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(int(self.tokenizer.eos_token_id))
         return frozenset(ids)
-
-
-def check_cache_salt(cache_salt: object) -> None:
-    """A salt is None or a non-empty string; raises ValueError naming `cache_salt`."""
-    if cache_salt is not None and (not isinstance(cache_salt, str) or not cache_salt):
-        raise ValueError(f"cache_salt: must be a non-empty string, got {cache_salt!r}")
 
 
 def _resolve_model_path(model: str | None) -> str:

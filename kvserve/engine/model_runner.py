@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from kvserve.engine.compiled_decode import CompiledDecode
+from kvserve.engine.prompt_logprobs import compute_prompt_logprobs
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvserve.kernels import decode_kernel_applies
@@ -83,7 +84,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: copy-on-write copies, forward, logits of sampled rows, sampling."""
+        """Run one step: copy-on-write copies, forward, logits of sampled rows, sampling,
+        and the logprobs of the prompt positions the scheduler named (prompt_logprobs.py)."""
         if self.kv_caches is not None:
             copy_blocks(self.kv_caches, scheduler_output.block_copies)
         scheduled = scheduler_output.scheduled
@@ -91,14 +93,22 @@ class ModelRunner:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(scheduled)
         sampled = [r for r in scheduled if r.sample]
-        logits = self._logits(inputs, is_decode=len(sampled) == len(inputs.input_ids))
+        hidden, logits = self._forward(inputs, is_decode=len(sampled) == len(inputs.input_ids))
+        prompt_logprobs = (
+            {}  # an all-decode step: every row samples, none scores a prompt token
+            if hidden is None
+            else compute_prompt_logprobs(
+                self.model, hidden, scheduled, inputs.attn_metadata.query_start_loc
+            )
+        )
         if not sampled:
-            return ModelRunnerOutput()
+            return ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
         result = self.sampler(logits, sampled)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in sampled],
             sampled_token_ids=result.token_ids,
             logprobs=result.logprobs,
+            prompt_logprobs=prompt_logprobs,
         )
 
     @torch.inference_mode()
@@ -111,12 +121,16 @@ class ModelRunner:
         )  # (num_tokens, hidden)
         return self.model.compute_logits(hidden)  # (num_tokens, vocab)
 
-    def _logits(self, inputs: StepInputs, is_decode: bool) -> torch.Tensor:
-        """(num_sampled, vocab) logits: compiled when the step is all decodes and fits."""
+    def _forward(
+        self, inputs: StepInputs, is_decode: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Hidden states of every row (num_tokens, hidden) and logits of the sampled rows
+        (num_sampled, vocab). An all-decode step that fits a compiled bucket returns only
+        its logits (hidden None)."""
         compiled = self.compiled
         if is_decode and compiled is not None and compiled.bucket_for(len(inputs.input_ids)):
             assert self.kv_caches is not None
-            return compiled.run(
+            return None, compiled.run(
                 inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
             )  # (num_decodes, vocab)
         if compiled is not None and len(inputs.input_ids) >= 2:  # prefill, mixed, big decode
@@ -124,11 +138,11 @@ class ModelRunner:
             hidden = compiled.run_hidden(
                 inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
             )  # (num_tokens, hidden)
-            return self.model.compute_logits(hidden[inputs.logits_indices])
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
-        )  # (num_tokens, hidden)
-        return self.model.compute_logits(hidden[inputs.logits_indices])  # (num_sampled, vocab)
+        else:
+            hidden = self.model(
+                inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
+            )  # (num_tokens, hidden)
+        return hidden, self.model.compute_logits(hidden[inputs.logits_indices])
 
     def prepare_inputs(self, scheduled: list[ScheduledRequest]) -> StepInputs:
         """Build every per-step tensor once, from Python lists."""

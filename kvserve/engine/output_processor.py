@@ -3,6 +3,10 @@
 A user request with `n` samples runs as `n` child requests (see `SamplingParams.for_child`);
 this module detokenizes each child incrementally, finds stop strings, collects logprobs, and
 assembles the children back into one `RequestOutput` per user request.
+
+Prompt logprobs belong to the user request: whichever child scores a prompt position first
+supplies it (with n > 1 and shared blocks that is the parent, which prefills [0, P - 1)).
+Each child delivers its positions in order from 0, so the list only ever grows at its end.
 """
 
 from __future__ import annotations
@@ -11,8 +15,14 @@ import time
 from dataclasses import dataclass, field
 
 from kvserve.engine.detokenizer import IncrementalDetokenizer
-from kvserve.engine.scheduler_output import ModelRunnerOutput, TokenLogprobs
-from kvserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvserve.engine.scheduler_output import ModelRunnerOutput, PromptLogprobRows, TokenLogprobs
+from kvserve.outputs import (
+    CompletionOutput,
+    Logprob,
+    PromptLogprobs,
+    RequestMetrics,
+    RequestOutput,
+)
 from kvserve.request import Request
 
 
@@ -33,6 +43,8 @@ class _ParentState:
     prompt_token_ids: list[int]
     children: dict[str, _ChildState]
     metrics: RequestMetrics
+    # [None, then one dict per scored prompt token] when the request asked for them
+    prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     finished_children: set[str] = field(default_factory=set)
 
@@ -61,6 +73,7 @@ class OutputProcessor:
             prompt_token_ids=children[0].prompt_token_ids,
             children=states,
             metrics=RequestMetrics(arrival_time=children[0].arrival_time),
+            prompt_logprobs=None if children[0].sampling_params.prompt_logprobs is None else [None],
         )
 
     def child_ids(self, request_id: str) -> list[str]:
@@ -77,7 +90,12 @@ class OutputProcessor:
             self._forget(parent)
 
     def detokenize(self, updated: list[Request], model_output: ModelRunnerOutput) -> list[str]:
-        """Feed each child its new token; return the ids of children that hit a stop string."""
+        """Collect the step's prompt logprobs, then feed each child its new token.
+
+        Returns the ids of children that hit a stop string.
+        """
+        for child_id, prompt_rows in model_output.prompt_logprobs.items():
+            self._add_prompt_logprobs(child_id, prompt_rows)
         logprobs_of = dict(zip(model_output.request_ids, model_output.logprobs, strict=True))
         stopped: list[str] = []
         for request in updated:
@@ -139,6 +157,7 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=parent.num_cached_tokens,
             metrics=parent.metrics,
+            prompt_logprobs=parent.prompt_logprobs,
         )
 
     def _forget(self, parent: _ParentState) -> None:
@@ -151,17 +170,34 @@ class OutputProcessor:
 
     def _add_logprobs(self, state: _ChildState, token: TokenLogprobs) -> None:
         assert state.logprobs is not None
+        state.logprobs.append(self._logprob_entry(token))
+        state.cumulative_logprob += token.logprob
+
+    def _add_prompt_logprobs(self, child_id: str, prompt_rows: PromptLogprobRows) -> None:
+        """Append the rows past what the request has; earlier ones another child gave.
+
+        have:   [ None | 1 ......... len-1 ]
+        rows:          start+1 ............... start+len(rows)   (start + 1 <= len)
+        """
+        have = self._parents[self._parent_of[child_id]].prompt_logprobs
+        if have is None:
+            return
+        if prompt_rows.start > len(have) - 1:
+            raise AssertionError(f"{child_id}: prompt logprobs from {prompt_rows.start} skip rows")
+        new_rows = prompt_rows.rows[len(have) - 1 - prompt_rows.start :]
+        have.extend(self._logprob_entry(row) for row in new_rows)
+
+    def _logprob_entry(self, token: TokenLogprobs) -> dict[int, Logprob]:
+        """Candidate token id -> Logprob: the top-k (ranks 1..k) plus the token itself."""
         entry = {
             token_id: Logprob(logprob, rank, self._decode(token_id))
             for rank, (token_id, logprob) in enumerate(
                 zip(token.top_token_ids, token.top_logprobs, strict=True), start=1
             )
         }
-        entry.setdefault(token.token_id, Logprob(token.logprob, token.rank, None))
-        if entry[token.token_id].decoded_token is None:
+        if token.token_id not in entry:
             entry[token.token_id] = Logprob(token.logprob, token.rank, self._decode(token.token_id))
-        state.logprobs.append(entry)
-        state.cumulative_logprob += token.logprob
+        return entry
 
     def _decode(self, token_id: int) -> str | None:
         if self.tokenizer is None:

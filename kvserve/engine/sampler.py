@@ -5,6 +5,7 @@ Per step, in this order:
     raw logits ──> logprobs (log_softmax of the raw logits, when asked)
         │
         ├─ penalties: repetition (prompt + output), presence and frequency (output only)
+        ├─ logit_bias: added per token id (OpenAI's order: after the penalties)
         ├─ min_tokens: stop and EOS ids masked to -inf until enough tokens are out
         ├─ greedy rows: argmax
         └─ sampled rows: temperature -> top-k -> top-p -> min-p -> exponential race
@@ -64,6 +65,7 @@ class Sampler:
         raw_logits = logits[lp_rows].float() if lp_rows else None  # (num_lp_rows, vocab)
         logits = logits.float().clone()  # (num_requests, vocab), edited in place below
         apply_penalties(logits, requests)
+        apply_logit_bias(logits, requests)
         apply_min_tokens(logits, requests)
         token_ids = logits.argmax(dim=-1)  # (num_requests,)
         sampled_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]
@@ -164,6 +166,24 @@ def _token_counts(
     counts = torch.zeros(len(padded), vocab_size + 1, device=device)  # (n, vocab + 1)
     counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=counts.dtype))
     return counts[:, :vocab_size]  # (n, vocab); the extra column counted the padding
+
+
+def apply_logit_bias(logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
+    """Add each request's `logit_bias` (token id -> bias) to its row, in place.
+
+    The engine has checked that every biased id is inside the vocabulary.
+    """
+    rows: list[int] = []
+    cols: list[int] = []
+    biases: list[float] = []
+    for i, request in enumerate(requests):
+        bias = request.sampling_params.logit_bias or {}
+        rows += [i] * len(bias)
+        cols += bias.keys()
+        biases += bias.values()
+    if rows:
+        # (row, col) pairs are unique (dict keys per row), so += adds each bias once
+        logits[rows, cols] += torch.tensor(biases, device=logits.device)  # (num_biased,)
 
 
 def apply_min_tokens(logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> None:
@@ -277,5 +297,6 @@ def _is_plain_greedy(request: ScheduledRequest) -> bool:
         _is_greedy(params)
         and params.logprobs is None
         and not params.needs_penalties
+        and not params.logit_bias
         and len(request.output_token_ids) >= params.min_tokens
     )

@@ -271,6 +271,7 @@ class Scheduler:
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             eos_token_ids=request.eos_token_ids,
+            prompt_logprob_positions=request.take_prompt_logprob_positions(start, num_new),
         )
         request.num_computed_tokens += num_new
         self.num_computed_prompt_tokens += max(0, min(num_new, request.num_prompt_tokens - start))
@@ -288,6 +289,7 @@ class Scheduler:
         for child in children:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
+            child.num_prompt_logprobs_scheduled = parent.num_prompt_logprobs_scheduled
             child.first_scheduled_time = parent.first_scheduled_time
             self._fork(parent, child)
         self.running[position:position] = children

@@ -25,6 +25,12 @@ class ScheduledRequest:
 
     `sample` is True when the last of those tokens is the request's last known token, so
     its logits give the next token (a decode step, or the last chunk of a prefill).
+
+    `prompt_logprob_positions` are the positions of this chunk whose logits score the next
+    prompt token (`prompt_logprobs`): position p gives the logprobs of prompt token p + 1,
+    so they lie within [num_computed_tokens, seq_len) and below num_prompt_tokens - 1. Each
+    position is named in exactly one step of a request's life (never again after a
+    preemption or in cache_mode "none"); empty when the request did not ask.
     """
 
     request_id: str
@@ -36,6 +42,7 @@ class ScheduledRequest:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int]
+    prompt_logprob_positions: range = range(0)
 
     @property
     def num_new_tokens(self) -> int:
@@ -82,10 +89,21 @@ class TokenLogprobs(NamedTuple):
     top_logprobs: list[float]
 
 
+class PromptLogprobRows(NamedTuple):
+    """Prompt logprobs of one request's chunk: `rows[i]` scores prompt token
+    `start + i + 1` (its `token_id`) from the logits at position `start + i`."""
+
+    start: int
+    rows: list[TokenLogprobs]
+
+
 @dataclass
 class ModelRunnerOutput:
-    """One new token for every scheduled request whose `sample` was True, in schedule order."""
+    """One new token for every scheduled request whose `sample` was True, in schedule order,
+    and the prompt logprobs of every request with `prompt_logprob_positions` (by request id;
+    such a request need not sample this step)."""
 
     request_ids: list[str] = field(default_factory=list)
     sampled_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs | None] = field(default_factory=list)
+    prompt_logprobs: dict[str, PromptLogprobRows] = field(default_factory=dict)

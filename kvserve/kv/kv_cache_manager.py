@@ -139,12 +139,17 @@ class KVCacheManager:
     def get_computed_blocks(self, request: Request) -> tuple[list[KVBlock], int]:
         """The longest cached prefix of a request not yet allocated. No side effects on blocks.
 
-        Extends `request.block_hashes` first. At most `num_tokens - 1` tokens count, because
-        the last token is always recomputed for its logits; so a block-aligned prompt that is
-        fully cached misses its last block:
+        Extends `request.block_hashes` first. At most `request.max_prefix_hit_tokens` tokens
+        count: `num_tokens - 1`, because the last token is always recomputed for its logits,
+        so a block-aligned prompt that is fully cached misses its last block:
 
             prompt (block_size 4):  [ a b c d | e f g h ]   both blocks cached
             hit:                    [ a b c d ]              4 tokens, not 8
+
+        and fewer for a request with `prompt_logprobs` (none before its prompt is scored). Its
+        blocks are still registered as it computes them: where the same prefix is already
+        cached, the existing block keeps the hash and the new one stays a plain block (see
+        `BlockPool.cache_full_blocks`).
 
         Returns:
             (the cached blocks, in table order; their number of tokens). ([], 0) when prefix
@@ -153,7 +158,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         hashes = extend_block_hashes(request, self.block_size, self.hash_extra_keys)
-        max_num_blocks = max(0, request.num_tokens - 1) // self.block_size
+        max_num_blocks = request.max_prefix_hit_tokens // self.block_size
         blocks: list[KVBlock] = []
         for block_hash in hashes[:max_num_blocks]:
             block = self.pool.get_cached_block(block_hash)

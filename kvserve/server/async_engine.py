@@ -22,7 +22,8 @@ from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
 
-from kvserve.engine.engine import Engine, PromptInput
+from kvserve.engine.engine import Engine
+from kvserve.engine.prompts import PromptInput, TokenizedPrompt
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 
@@ -75,10 +76,10 @@ class AsyncEngine:
             ValueError: the prompt or parameters are invalid (nothing was queued).
             EngineDeadError: a model step failed.
         """
-        token_ids = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
+        tokenized = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit("add", request_id, token_ids, params)
+        self._submit("add", request_id, tokenized, params)
         finished = False
         try:
             while not finished:
@@ -100,13 +101,16 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=60)
 
-    def _tokenize_and_validate(self, prompt: PromptInput, params: SamplingParams) -> list[int]:
-        token_ids = self.engine.tokenize(prompt)[1]
-        self.engine.validate(token_ids, params)
-        return token_ids
+    def _tokenize_and_validate(
+        self, prompt: PromptInput, params: SamplingParams
+    ) -> TokenizedPrompt:
+        """The prompt tokenized once (its cache salt kept), checked against the engine."""
+        tokenized = self.engine.tokenize(prompt)
+        self.engine.validate(tokenized.prompt_token_ids, params)
+        return tokenized
 
-    def _submit(self, kind: str, request_id: str, token_ids: Any, params: Any) -> None:
-        self._commands.append((kind, request_id, token_ids, params))
+    def _submit(self, kind: str, request_id: str, prompt: Any, params: Any) -> None:
+        self._commands.append((kind, request_id, prompt, params))
         self._wake.set()
 
     def _run(self) -> None:
@@ -120,12 +124,12 @@ class AsyncEngine:
 
     def _apply_commands(self) -> None:
         while self._commands:
-            kind, request_id, token_ids, params = self._commands.popleft()
+            kind, request_id, prompt, params = self._commands.popleft()
             if kind == "abort":
                 self.engine.abort_request(request_id)
                 continue
             try:
-                self.engine.add_request(request_id, {"prompt_token_ids": token_ids}, params)
+                self.engine.add_request(request_id, prompt, params)
             except ValueError as error:  # e.g. a request id already in use
                 self._deliver(request_id, error)
 

@@ -123,3 +123,35 @@ def test_eval_ppl_and_bench_kv_dtype_on_a_real_model(tmp_path: Path) -> None:
     assert abs(rows[1]["perplexity_change"]) < 0.01
     assert rows[0]["top1_agreement"] == 1.0 and rows[1]["top1_agreement"] > 0.9
     assert plot.stat().st_size > 0
+
+
+def test_prompt_logprobs_match_transformers_on_the_same_gguf(llm: LLM) -> None:
+    """Prompt logprobs of the default model equal transformers' log_softmax over the same
+    GGUF's logits (within 1e-4), with the top 5 in rank order and decoded tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = _gguf_location()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    prompt_ids = tokenizer(PROMPT + " the keys and values of every past token, so that")[
+        "input_ids"
+    ]
+    with torch.inference_mode():
+        rows = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0].float(), dim=-1)
+    (output,) = llm.generate(
+        [{"prompt_token_ids": prompt_ids}],
+        SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=5),
+        use_tqdm=False,
+    )
+    scored = output.prompt_logprobs
+    assert scored is not None and len(scored) == len(prompt_ids) and scored[0] is None
+    for i in range(1, len(prompt_ids)):
+        entry, token = scored[i], prompt_ids[i]
+        assert entry is not None
+        assert entry[token].logprob == pytest.approx(rows[i - 1, token].item(), abs=1e-4)
+        assert entry[token].decoded_token == tokenizer.decode([token])
+        top = torch.topk(rows[i - 1], 5)
+        best = zip(top.indices.tolist(), top.values.tolist(), strict=True)
+        for rank, (top_id, value) in enumerate(best, start=1):
+            assert entry[top_id].rank == rank
+            assert entry[top_id].logprob == pytest.approx(value, abs=1e-4)

@@ -199,3 +199,43 @@ def test_cache_salt_keeps_tenants_apart(tiny_checkpoints: dict[str, str]) -> Non
     with pytest.raises(ValueError, match="cache_salt"):
         llm.generate({"prompt_token_ids": prompt, "cache_salt": 5}, params, use_tqdm=False)
     assert llm.get_metrics().num_kv_blocks_used == 0
+
+
+def test_every_entry_point_honours_cache_salt(tiny_checkpoints: dict[str, str]) -> None:
+    """generate, generate_stream and the server's AsyncEngine hand the dict prompt to the
+    engine, which reads the salt: another salt shares no block, the same salt does."""
+    import asyncio
+
+    from kvserve.llm import LLM
+    from kvserve.server.async_engine import AsyncEngine
+
+    llm = LLM(tiny_checkpoints["llama"], num_kv_blocks=64, max_model_len=128)
+    params = SamplingParams(temperature=0.0, max_tokens=2)
+
+    def via_generate(prompt: dict[str, Any]) -> int:
+        return llm.generate(prompt, params, use_tqdm=False)[0].num_cached_tokens
+
+    def via_stream(prompt: dict[str, Any]) -> int:
+        return list(llm.generate_stream(prompt, params))[-1].num_cached_tokens
+
+    async def stream_async(engine: AsyncEngine, prompt: dict[str, Any]) -> int:
+        outputs = [o async for o in engine.generate(f"a{id(prompt)}", prompt, params)]
+        return outputs[-1].num_cached_tokens
+
+    async_engine = AsyncEngine(llm.engine)
+
+    def via_async(prompt: dict[str, Any]) -> int:
+        return asyncio.run(stream_async(async_engine, prompt))
+
+    try:
+        for seed, run in enumerate((via_generate, via_stream, via_async)):
+            (ids,) = random_prompts(256, [40], seed=20 + seed)  # fresh tokens per entry point
+            assert run({"prompt_token_ids": ids, "cache_salt": "a"}) == 0
+            assert run({"prompt_token_ids": ids, "cache_salt": "b"}) == 0  # no shared block
+            assert run({"prompt_token_ids": ids}) == 0
+            assert run({"prompt_token_ids": ids, "cache_salt": "a"}) == 32, run.__name__
+            with pytest.raises(ValueError, match="^cache_salt:"):
+                run({"prompt_token_ids": ids, "cache_salt": ""})
+    finally:
+        async_engine.shutdown()
+    assert llm.get_metrics().num_kv_blocks_used == 0

@@ -66,3 +66,22 @@ def test_max_tokens_finishes_with_length(llama: str) -> None:
     assert len(out.outputs[0].token_ids) == 5
     assert out.outputs[0].finish_reason == "length"
     assert out.finished and out.prompt_token_ids == prompt
+
+
+def test_logit_bias_forces_a_token_through_the_engine(llama: str) -> None:
+    """+100 on one token: every output token is it, greedy and sampled; its logprob stays
+    raw: equal to what prompt logprobs say of the same token after the same prompt."""
+    engine = make_engine(llama)
+    prompt = random_prompts(engine.model_config.vocab_size, [10], seed=6)[0]
+    for base in (SamplingParams(temperature=0.0), SAMPLED):
+        params = base.replace(max_tokens=5, ignore_eos=True, logit_bias={42: 100.0})
+        assert token_ids(run_engine(engine, [prompt], params)) == [[42] * 5]
+    greedy = SamplingParams(temperature=0.0, max_tokens=1, logprobs=0)
+    (biased,) = run_engine(engine, [prompt], greedy.replace(logit_bias={42: 100.0}))
+    (scored,) = run_engine(engine, [[*prompt, 42]], greedy.replace(prompt_logprobs=0))
+    assert biased.outputs[0].token_ids == [42]
+    assert biased.outputs[0].logprobs is not None and scored.prompt_logprobs is not None
+    raw = scored.prompt_logprobs[-1]
+    assert raw is not None and raw[42].rank > 1  # not the model's own choice
+    assert biased.outputs[0].logprobs[0][42].logprob == pytest.approx(raw[42].logprob, abs=1e-5)
+    assert biased.outputs[0].logprobs[0][42].rank == raw[42].rank

@@ -74,6 +74,9 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(
         ({"prompt_token_ids": [1] * 64}, params, "prompt"),
         ({"prompt_token_ids": [1] * 10}, SamplingParams(max_tokens=60), "max_tokens"),
         ({"text": "x"}, params, "prompt"),
+        ({"prompt_token_ids": "1 2"}, params, "prompt_token_ids"),
+        ({"prompt_token_ids": [1], "cache_salt": ""}, params, "cache_salt"),
+        ({"prompt_token_ids": [1]}, params.replace(logit_bias={vocab: 1.0}), "logit_bias"),
     ]
     for prompt, bad_params, field in cases:
         with pytest.raises(ValueError, match=rf"^{field}:"):

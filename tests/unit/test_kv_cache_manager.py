@@ -178,6 +178,29 @@ def test_block_aligned_prompt_fully_cached_recomputes_its_last_block() -> None:
     assert manager.pool.get_cached_block(second.block_hashes[1]) is manager.pool.blocks[2]
 
 
+def test_prompt_logprobs_request_recomputes_a_cached_prefix_into_plain_blocks() -> None:
+    """A request asking for prompt logprobs takes no prefix hit; its blocks with hashes
+    already cached stay plain (the first block keeps the hash), a new block is cached, and
+    once its positions are scored (a resume after preemption) it may hit."""
+    manager = make_manager()
+    a = make_request("a", list(range(9)))
+    assert prefill(manager, a) == [1, 2, 3]
+    params = SamplingParams(max_tokens=64, prompt_logprobs=2)
+    b = Request("b", [*range(8), 70, 71, 72, 73, 74], params)
+    assert manager.get_computed_blocks(b) == ([], 0)
+    assert prefill(manager, b) == [4, 5, 6, 7]
+    assert [manager.pool.blocks[i].block_hash is None for i in (4, 5, 6)] == [True, True, False]
+    assert manager.pool.get_cached_block(b.block_hashes[0]) is manager.pool.blocks[1]
+    assert manager.pool.get_cached_block(b.block_hashes[2]) is manager.pool.blocks[6]
+    assert b.take_prompt_logprob_positions(0, 13) == range(0, 12)
+    free(manager, b)  # preempted after scoring: it may now hit its own block 6 too
+    b.num_computed_tokens = 0
+    hit_blocks, num_hit_tokens = manager.get_computed_blocks(b)
+    assert ([blk.block_id for blk in hit_blocks], num_hit_tokens) == ([1, 2, 6], 12)
+    free(manager, a)
+    assert all(block.ref_cnt == 0 for block in manager.pool.blocks)
+
+
 def test_cache_salt_separates_tenants() -> None:
     manager = make_manager()
     prefill(manager, make_request("a", list(range(9)), cache_salt="x"))

@@ -250,3 +250,33 @@ def test_rank_of_a_token_that_is_not_the_raw_best() -> None:
     assert entry.rank == 2 and entry.top_token_ids == [0, 1]
     expected = 2.9 - math.log(sum(math.exp(v) for v in (3.0, 2.9, 0.0, -1.0)))
     assert entry.logprob == pytest.approx(expected, abs=1e-5)
+
+
+def test_logit_bias_forces_and_bans_tokens_greedy_and_sampled() -> None:
+    """+100 makes a token win (greedy and sampled), -100 bans the raw argmax; the plain-greedy
+    fast path does not skip a biased row, and an unbiased row in the batch is untouched."""
+    logits = _logits(4, seed=5)
+    worst = logits.argmin(-1).tolist()
+    best = logits.argmax(-1).tolist()
+    for temperature in (0.0, 1.0):
+        force = [SamplingParams(temperature=temperature, logit_bias={w: 100.0}) for w in worst]
+        assert Sampler(seed=3)(logits, [_request(p) for p in force]).token_ids == worst
+    ban = SamplingParams(temperature=0.0, logit_bias={best[0]: -100.0})
+    chosen = Sampler()(logits[:2], [_request(ban), _request(GREEDY)]).token_ids
+    assert chosen[0] != best[0] and chosen[0] == logits[0].topk(2).indices[1].item()
+    assert chosen[1] == best[1]
+
+
+def test_logit_bias_leaves_logprobs_raw() -> None:
+    logits = _logits(1, seed=6)
+    worst = int(logits.argmin())
+    plain = Sampler()(logits, [_request(SamplingParams(temperature=0.0, logprobs=2))])
+    biased_params = SamplingParams(temperature=0.0, logprobs=2, logit_bias={worst: 100.0})
+    biased = Sampler()(logits, [_request(biased_params)])
+    assert biased.token_ids == [worst]
+    assert plain.logprobs[0] is not None and biased.logprobs[0] is not None
+    assert biased.logprobs[0].top_token_ids == plain.logprobs[0].top_token_ids
+    assert biased.logprobs[0].top_logprobs == plain.logprobs[0].top_logprobs
+    expected = torch.log_softmax(logits[0], dim=-1)[worst].item()
+    assert biased.logprobs[0].logprob == pytest.approx(expected, abs=1e-6)
+    assert biased.logprobs[0].rank == VOCAB

@@ -83,10 +83,11 @@ class Serving:
         if finals is None:
             return Response(status_code=499)  # nobody is listening
         tokenizer = self.engine.tokenizer
+        finals = [shape.shown(final) for final in finals]
         choices = [
             streaming.completion_choice(tokenizer, shape, i * n + c.index, final, c)
             for i, final in enumerate(finals)
-            for c in responses.best_of(shape.shown(final).outputs, n)
+            for c in responses.best_of(final.outputs, n)
         ]
         return self._response(request_id, "text_completion", choices, finals)
 

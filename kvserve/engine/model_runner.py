@@ -94,7 +94,7 @@ class ModelRunner:
         logits = self._logits(inputs, is_decode=len(sampled) == len(inputs.input_ids))
         if not sampled:
             return ModelRunnerOutput()
-        result = self.sampler(logits, sampled)
+        result = self.sampler(logits, sampled, scheduler_output.grammar_bitmask)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in sampled],
             sampled_token_ids=result.token_ids,

@@ -89,11 +89,9 @@ class StructuredOutputManager:
     def num_requests(self) -> int:
         return len(self._matchers)
 
-    def check(self, params: StructuredOutputParams) -> str:
+    def check(self, params: StructuredOutputParams) -> None:
         """Compile and validate a constraint against this model's tokenizer.
 
-        Returns:
-            The grammar text.
         Raises:
             ValueError: "structured_output.<kind>: ..." for a bad schema, regex or grammar;
                 "structured_output: ..." when the model has no (fast) tokenizer.
@@ -103,7 +101,6 @@ class StructuredOutputManager:
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
         if error:
             raise ValueError(f"structured_output.{params.kind}: {error.strip()}")
-        return grammar
 
     def add_requests(self, requests: list[Request]) -> None:
         """Give each constrained request a fresh matcher (all of them share one constraint).

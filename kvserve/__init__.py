@@ -1,9 +1,16 @@
 """kvserve: an LLM inference engine and server built around the KV cache."""
 
 from kvserve.outputs import CompletionOutput, RequestOutput
-from kvserve.sampling_params import SamplingParams
+from kvserve.sampling_params import SamplingParams, StructuredOutputParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "EngineConfig"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "StructuredOutputParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "EngineConfig",
+]
 __version__ = "0.1.0"
 
 

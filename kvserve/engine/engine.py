@@ -23,6 +23,7 @@ from kvserve.engine.prompts import TokenizedPrompt, tokenize_prompt
 from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-exported
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.quant import element_bytes, scale_bytes_per_token_per_layer, storage_dtype
 from kvserve.kv.sizing import kv_bytes_per_token
@@ -64,6 +65,10 @@ class Engine:
             hash_extra_keys=(self.model_config.fingerprint, self.config.kv_cache_dtype),
             sliding_window=self.model_config.sliding_window,
         )
+        self.eos_token_ids = self._eos_token_ids()
+        self.structured_output = StructuredOutputManager(
+            self.tokenizer, self.eos_token_ids, self.model_config.vocab_size
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_num_seqs=self.config.max_num_seqs,
@@ -72,9 +77,9 @@ class Engine:
                 enable_chunked_prefill=self.config.enable_chunked_prefill,
             ),
             self.kv_cache_manager,
+            self.structured_output,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
-        self.eos_token_ids = self._eos_token_ids()
 
     @property
     def max_model_len(self) -> int:
@@ -126,6 +131,7 @@ class Engine:
             )
             for index in range(params.n)
         ]
+        self.structured_output.add_requests(children)
         self.output_processor.add_request(request_id, text, children)
         self.scheduler.add_request_group(children)
 
@@ -165,7 +171,13 @@ class Engine:
         return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Check a request against the model and the engine limits; resolve max_tokens."""
+        """Check a request against the model and the engine limits; resolve max_tokens.
+
+        A structured-output constraint is compiled against the tokenizer here, so a bad schema,
+        regex or grammar is a ValueError ("structured_output.json: ...") before any work.
+        """
+        if params.structured_output is not None:
+            self.structured_output.check(params.structured_output)
         if not prompt_token_ids:
             raise ValueError("prompt_token_ids: the prompt must contain at least one token")
         vocab_size = self.model_config.vocab_size

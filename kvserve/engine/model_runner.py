@@ -103,7 +103,7 @@ class ModelRunner:
         )
         if not sampled:
             return ModelRunnerOutput(prompt_logprobs=prompt_logprobs)
-        result = self.sampler(logits, sampled)
+        result = self.sampler(logits, sampled, scheduler_output.grammar_bitmask)
         return ModelRunnerOutput(
             request_ids=[r.request_id for r in sampled],
             sampled_token_ids=result.token_ids,

@@ -7,6 +7,7 @@ Per step, in this order:
         ├─ penalties: repetition (prompt + output), presence and frequency (output only)
         ├─ logit_bias: added per token id (OpenAI's order: after the penalties)
         ├─ min_tokens: stop and EOS ids masked to -inf until enough tokens are out
+        ├─ structured output: tokens the request's grammar forbids masked to -inf
         ├─ greedy rows: argmax
         └─ sampled rows: temperature -> top-k -> top-p -> min-p -> exponential race
 
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvserve.engine.scheduler_output import ScheduledRequest, TokenLogprobs
+from kvserve.engine.scheduler_output import GrammarBitmask, ScheduledRequest, TokenLogprobs
 from kvserve.sampling_params import SamplingParams
 
 # Temperatures below this are greedy (dividing by them would overflow), as in vLLM.
@@ -48,18 +49,24 @@ class Sampler:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor, requests: Sequence[ScheduledRequest]) -> SamplerOutput:
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        requests: Sequence[ScheduledRequest],
+        grammar_bitmask: GrammarBitmask | None = None,
+    ) -> SamplerOutput:
         """Sample one token per row.
 
         Args:
             logits: (num_requests, vocab_size) float32, row i belongs to requests[i].
             requests: the requests being sampled, each with its params and tokens so far.
+            grammar_bitmask: allowed tokens of the requests with structured output.
         Returns:
             The token ids, and a `TokenLogprobs` per request whose params set `logprobs`
             (None for the others).
         """
         params = [r.sampling_params for r in requests]
-        if all(_is_plain_greedy(r) for r in requests):
+        if grammar_bitmask is None and all(_is_plain_greedy(r) for r in requests):
             return SamplerOutput(logits.argmax(dim=-1).tolist(), [None] * len(requests))
         lp_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         raw_logits = logits[lp_rows].float() if lp_rows else None  # (num_lp_rows, vocab)
@@ -67,6 +74,7 @@ class Sampler:
         apply_penalties(logits, requests)
         apply_logit_bias(logits, requests)
         apply_min_tokens(logits, requests)
+        apply_token_bitmask(logits, requests, grammar_bitmask)
         token_ids = logits.argmax(dim=-1)  # (num_requests,)
         sampled_rows = [i for i, p in enumerate(params) if not _is_greedy(p)]
         if sampled_rows:
@@ -254,6 +262,29 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     threshold = probs.amax(dim=-1, keepdim=True) * min_p.unsqueeze(1)  # (n, 1)
     kept = probs.masked_fill(probs < threshold, 0.0)  # (n, vocab)
     return kept / kept.sum(dim=-1, keepdim=True)  # (n, vocab)
+
+
+def apply_token_bitmask(
+    logits: torch.Tensor,
+    requests: Sequence[ScheduledRequest],
+    grammar_bitmask: GrammarBitmask | None,
+) -> None:
+    """Set the logits of the tokens each constrained request's grammar forbids to -inf.
+
+    Args:
+        logits: (num_requests, vocab) edited in place; row i belongs to requests[i].
+        grammar_bitmask: rows for some of `requests` (see `GrammarBitmask`); None: no-op.
+    """
+    if grammar_bitmask is None:
+        return
+    row_of = {r.request_id: i for i, r in enumerate(requests)}
+    rows = [row_of[request_id] for request_id in grammar_bitmask.request_ids]
+    vocab_size = logits.shape[-1]
+    words = torch.from_numpy(grammar_bitmask.bitmask).to(logits.device)  # (n, num_words)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)  # (32,)
+    allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)  # (n, num_words * 32)
+    allowed = allowed[:, :vocab_size]  # (n, vocab); the mask covers at least the vocabulary
+    logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))  # (n, vocab)
 
 
 def gather_logprobs(

@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 from kvserve.engine.forks import PendingForks
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
 
@@ -59,9 +60,16 @@ class SchedulerStats(NamedTuple):
 class Scheduler:
     """Decides which tokens of which requests run each step, and owns request state."""
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        structured_output: StructuredOutputManager | None = None,
+    ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        # Grammar matchers of requests with structured output (created by the engine).
+        self.structured_output = structured_output or StructuredOutputManager()
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -183,6 +191,7 @@ class Scheduler:
             scheduled=scheduled,
             block_copies=self.kv_cache_manager.take_block_copies(),
             finished_request_ids=self._finished_ids,
+            grammar_bitmask=self.structured_output.grammar_bitmask(scheduled),
         )
         self._finished_ids = []
         return output
@@ -315,6 +324,9 @@ class Scheduler:
     ) -> list[Request]:
         """Append sampled tokens, apply stop conditions, free finished requests.
 
+        A request with structured output stops when its grammar is complete and is aborted
+        when its grammar matcher fails (see `StructuredOutputManager.accept_token`).
+
         Returns the requests that received a token this step (finished ones included).
         """
         now = time.monotonic()
@@ -330,7 +342,9 @@ class Scheduler:
             self.num_generation_tokens += 1
             if request.first_token_time is None:
                 request.first_token_time = now
-            status = self._check_stop(request, token_id)
+            status = self.structured_output.accept_token(request_id, token_id)
+            if status is None:
+                status = self._check_stop(request, token_id)
             if status is not None:
                 self.running.remove(request)
                 self._finish(request, status)
@@ -358,6 +372,7 @@ class Scheduler:
             self.waiting.appendleft(child)
         request.status = status
         self.kv_cache_manager.free(request)
+        self.structured_output.free(request.request_id)
         self._finished_ids.append(request.request_id)
         del self.requests[request.request_id]
 
@@ -379,4 +394,5 @@ class Scheduler:
         for request in self.running:
             if request.status != RequestStatus.RUNNING:
                 raise AssertionError(f"{request} in running list")
+        self.structured_output.check_invariants(set(self.requests))
         self.kv_cache_manager.check_invariants()

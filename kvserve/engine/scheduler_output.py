@@ -10,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
+import numpy.typing as npt
+
 from kvserve.sampling_params import SamplingParams
 
 
@@ -54,17 +57,32 @@ class ScheduledRequest:
 
 
 @dataclass
+class GrammarBitmask:
+    """Which next tokens the grammars of this step's constrained sampled requests allow.
+
+    Row i of `bitmask` belongs to `request_ids[i]`; bit b (least significant first) of word w
+    allows token 32 * w + b (llguidance's layout). Columns past the model's vocabulary are 0.
+    A NumPy array, not a tensor: the model runner turns it into one.
+    """
+
+    request_ids: list[str]
+    bitmask: npt.NDArray[np.int32]  # (len(request_ids), ceil(vocab_size / 32))
+
+
+@dataclass
 class SchedulerOutput:
     """Everything the model runner needs for one step.
 
     `scheduled` lists decode requests (one new token each) before prefill chunks, so the runner
     can batch the decodes. `block_copies` are (src, dst) block ids to copy before the forward
-    (copy-on-write of a shared block).
+    (copy-on-write of a shared block). `grammar_bitmask` masks the rows of sampled requests
+    with structured output (None when there are none).
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: GrammarBitmask | None = None
 
     @property
     def num_scheduled_tokens(self) -> int:

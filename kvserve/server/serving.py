@@ -30,6 +30,7 @@ class Serving:
     engine: AsyncEngine
     model_name: str
     metrics: ServerMetrics
+    limits: Any = None  # ServerLimits (kvserve/server/limits.py), passed by build_app
 
     async def completions(self, body: CompletionRequest, request: Request) -> Any:
         """POST /v1/completions."""

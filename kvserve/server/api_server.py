@@ -38,7 +38,7 @@ from kvserve.server import protocol
 from kvserve.server.admission import AdmissionGate, AdmitAtArrival
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import add_error_handlers
-from kvserve.server.http_protocol import protocol_class
+from kvserve.server.http_protocol import MAX_HEAD_BYTES, protocol_class
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import Auth, BodyGuard, RequestContext
@@ -157,7 +157,13 @@ def serve(
     app = build_app(engine, model_name, api_key, limits, public_metrics)
     print(_banner(model_name, host, port, api_key), file=sys.stderr, flush=True)
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="warning", http=protocol_class(limits), ws="none"
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_class(limits),
+        ws="none",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
     )
     try:
         Server(config).run()

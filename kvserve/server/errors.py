@@ -115,9 +115,10 @@ def add_error_handlers(app: FastAPI) -> None:
         return error_response(500, message, "internal_server_error")
 
     @app.exception_handler(HTTPException)
-    async def http_error(_: Request, error: HTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         """Starlette's own: 404 unknown path, 405 wrong method (with Allow)."""
-        reply = error_response(error.status_code, str(error.detail), "invalid_request_error")
+        message = f"{error.detail}: {request.method} {request.url.path}"
+        reply = error_response(error.status_code, message, "invalid_request_error")
         reply.headers.update(error.headers or {})
         return reply
 

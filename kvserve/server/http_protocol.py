@@ -3,7 +3,9 @@
     no complete request head within header_timeout s  -> 408 (if part of one came), closed
         (armed when the connection opens and after every response: a client that sends
         half a header, or nothing, no longer holds a connection forever)
-    a request line or headers h11 refuses               -> 400, or 431 for headers too large
+    a request line or headers h11 refuses               -> 400, closed
+    a request head over MAX_HEAD_BYTES                  -> 431, closed (h11 refuses one that
+        arrives in pieces; one that arrives whole is measured here)
     more than max_connections open                      -> 503 + Retry-After, closed
 
 Every reply is OpenAI's error JSON; uvicorn's own are plain text.
@@ -23,6 +25,8 @@ from uvicorn.server import ServerState
 
 from kvserve.server.errors import error_bytes, send_error
 from kvserve.server.limits import ServerLimits
+
+MAX_HEAD_BYTES = 16 * 1024  # h11's default bound on a request head that has not ended yet
 
 
 class OpenAIH11Protocol(H11Protocol):
@@ -65,7 +69,7 @@ class OpenAIH11Protocol(H11Protocol):
         if isinstance(error, h11.RemoteProtocolError):
             status = error.error_status_hint
         if status == 431:
-            self._reply_and_close(431, "headers: larger than the server accepts")
+            self._reply_and_close(431, f"headers: more than {MAX_HEAD_BYTES} bytes")
         else:
             self._reply_and_close(status, f"invalid HTTP request: {error or msg}")
 
@@ -98,12 +102,16 @@ class OpenAIH11Protocol(H11Protocol):
 
     async def _limit_connections(self, scope: Any, receive: Any, send: Any) -> None:
         """The app uvicorn runs for each request on this connection."""
-        if len(self.connections) > self.max_connections:
+        head_bytes = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+        if head_bytes > MAX_HEAD_BYTES:
+            message = f"headers: {head_bytes} bytes; the limit is {MAX_HEAD_BYTES}"
+            await send_error(send, 431, message, headers={"Connection": "close"})
+        elif len(self.connections) > self.max_connections:
             message = f"more than {self.max_connections} open connections; retry later"
             headers = {"Retry-After": "1", "Connection": "close"}
             await send_error(send, 503, message, "overloaded", headers=headers)
-            return
-        await self._inner_app(scope, receive, send)
+        else:
+            await self._inner_app(scope, receive, send)
 
 
 def protocol_class(limits: ServerLimits) -> type[OpenAIH11Protocol]:

@@ -6,7 +6,8 @@
                     ones, checked before the body is read, in constant time -> 401
     AdmitAtArrival  (admission.py) a seat per generation request -> 429
     BodyGuard       Content-Length or the bytes read past the limit -> 413; a POST body that
-                    is not a JSON object in UTF-8 (request_body.py) -> 400
+                    is not a JSON object in UTF-8 (request_body.py) -> 400; one that is, is
+                    handed on as application/json whatever its Content-Type said
 
 They are plain ASGI callables (not Starlette's BaseHTTPMiddleware) so that a reply can be sent
 without touching the body, and streams pass through untouched.
@@ -121,6 +122,9 @@ class BodyGuard:
         except BodyRejected as error:
             await send_error(send, error.status, str(error), param=error.param)
             return
+        # it is JSON whatever it was labelled (`curl -d` says form data): FastAPI must parse it
+        headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+        scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, _replay(body, receive), send)
 
 

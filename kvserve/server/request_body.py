@@ -113,17 +113,17 @@ def _check_strings_and_depth(root: dict[str, Any]) -> None:
                 raise BodyRejected(400, f"{path}: nested deeper than {MAX_DEPTH} levels", path)
             items = value.items() if isinstance(value, dict) else enumerate(value)
             for key, item in items:
-                child = f"{path}.{key}" if path else str(key)
                 if isinstance(key, str):
-                    _check_string(key, child)
+                    _check_string(key, path or "body", " of a key")
+                child = f"{path}.{key}" if path else str(key)
                 stack.append((item, child, depth + 1))
 
 
-def _check_string(text: str, path: str) -> None:
+def _check_string(text: str, path: str, where: str = "") -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        message = f"{path}: lone UTF-16 surrogate at character {error.start}"
+        message = f"{path}: lone UTF-16 surrogate at character {error.start}{where}"
         raise BodyRejected(400, message, path) from None
 
 

@@ -98,6 +98,7 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await serving.chat(body, request)
 
+    # every POST route's body is read and checked by BodyGuard: define routes above this line
     routes = [route for route in app.routes if isinstance(route, APIRoute)]
     json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
     gate = AdmissionGate(engine.engine.config.max_num_seqs, limits.max_queue_len)

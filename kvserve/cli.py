@@ -18,6 +18,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from kvserve.config import EngineConfig
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.limits import add_limit_args
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -161,12 +162,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.engine.engine import Engine
     from kvserve.server.api_server import serve
     from kvserve.server.async_engine import AsyncEngine
+    from kvserve.server.limits import limits_from_args
 
+    limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
     engine = Engine(engine_config_from_args(args))
     name = args.served_model_name or _model_name(engine.model_path)
-    if args.max_queue_len is not None and args.max_queue_len < 0:
-        raise ValueError(f"max_queue_len: must be >= 0, got {args.max_queue_len}")
-    serve(AsyncEngine(engine), name, args.host, args.port, args.api_key, args.max_queue_len)
+    async_engine = AsyncEngine(engine)
+    serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)
     return 0
 
 
@@ -255,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="default: the model's name")
-    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
-    serve.add_argument("--max-queue-len", type=int, default=None, help="429 past this many waiting")
+    serve.add_argument(
+        "--api-key", default=None, help="every path but /health needs 'Authorization: Bearer KEY'"
+    )
+    serve.add_argument(
+        "--public-metrics", action="store_true", help="/metrics without the API key (scrapers)"
+    )
+    add_limit_args(serve)
     add_engine_args(serve)
     serve.set_defaults(func=_cmd_serve)
 

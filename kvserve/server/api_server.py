@@ -1,15 +1,19 @@
 """`kvserve serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over `AsyncEngine`.
 
-    GET  /health               200 while the server runs
+    GET|HEAD /health           200 while the server runs (never needs the API key)
     GET  /metrics              Prometheus text (kvserve/server/metrics.py)
     GET  /v1/models            the one served model
     POST /v1/completions       prompt (text or token ids) -> text, streamed with "stream": true
     POST /v1/chat/completions  messages (the model's chat template) -> message, streamed
 
-Errors have OpenAI's shape `{"error": {"message", "type", "param", "code"}}`: 400 for invalid
-input (malformed JSON, wrong types, a prompt longer than the context), 401 for a missing or
-wrong API key when one is set, 404 for an unknown model, 429 (with Retry-After) when more than
-`--max-queue-len` requests wait.
+A request passes, in order: the connection rules (http_protocol.py: header timeout, connection
+bound, uvicorn's parse errors), the request id, the API key, admission at arrival, the body
+checks (middleware.py, admission.py), then FastAPI's routes; `ServerLimits` (limits.py) holds
+every bound, one `kvserve serve` flag each.
+
+Every reply that is not a success has OpenAI's shape `{"error": {"message", "type", "param",
+"code"}}` (errors.py lists the statuses), a 500 included (its message names the request id,
+its traceback goes to the log). Every reply carries X-Request-Id: the client's, or a new one.
 Streaming is server-sent events, one chunk per engine step that produced text, then
 `data: [DONE]`. A client that disconnects mid-stream aborts its request.
 """
@@ -26,40 +30,47 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.types import ASGIApp
 
+from kvserve.server.admission import AdmissionGate, AdmitAtArrival
 from kvserve.server.async_engine import AsyncEngine
-from kvserve.server.errors import Rejected, add_error_handlers
+from kvserve.server.errors import add_error_handlers
+from kvserve.server.http_protocol import MAX_HEAD_BYTES, protocol_class
+from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
+from kvserve.server.middleware import Auth, BodyGuard, RequestContext
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.server.serving import Serving, check_model
 
 logger = logging.getLogger("kvserve")
 
 
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+
+
 def build_app(
     engine: AsyncEngine,
     model_name: str,
     api_key: str | None = None,
-    max_queue_len: int | None = None,
-) -> FastAPI:
-    """The app. `api_key` guards /v1/*; past `max_queue_len` waiting requests, answer 429."""
+    limits: ServerLimits | None = None,
+    public_metrics: bool = False,
+) -> ASGIApp:
+    """The app: FastAPI's routes inside kvserve's ASGI layers (see the module docstring).
+
+    Args:
+        api_key: when set, every path but /health (and /metrics with `public_metrics`) needs
+            `Authorization: Bearer KEY`.
+        limits: the bounds on a request's cost (default: `ServerLimits()`).
+    """
+    limits = limits or ServerLimits()
     app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine.get_metrics, model_name)
-    serving = Serving(engine, model_name, metrics)
+    serving = Serving(engine, model_name, metrics, limits=limits)
     add_error_handlers(app)
 
-    def admit(request: Request) -> None:
-        """API key, then the waiting-queue limit (POST only); raises Rejected."""
-        if api_key is not None and request.headers.get("authorization") != f"Bearer {api_key}":
-            raise Rejected(401, "invalid or missing API key", "authentication_error")
-        # the requests that would wait with this one admitted: all but max_num_seqs
-        would_wait = engine.num_unfinished + 1 - engine.engine.config.max_num_seqs
-        if max_queue_len is not None and request.method == "POST" and would_wait > max_queue_len:
-            message = f"{would_wait - 1} requests are already waiting; retry later"
-            raise Rejected(429, message, "overloaded", headers={"Retry-After": "1"})
-
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -68,27 +79,31 @@ def build_app(
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(request: Request) -> dict[str, Any]:
-        admit(request)
+    async def models() -> dict[str, Any]:
         return {"object": "list", "data": [serving.model_card()]}
 
     @app.get("/v1/models/{model_id:path}")
-    async def model(model_id: str, request: Request) -> dict[str, Any]:
-        admit(request)
+    async def model(model_id: str) -> dict[str, Any]:
         check_model(model_id, model_name)
         return serving.model_card()
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        admit(request)
         return await serving.completions(body, request)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        admit(request)
         return await serving.chat(body, request)
 
-    return app
+    # every POST route's body is read and checked by BodyGuard: define routes above this line
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
+    gate = AdmissionGate(engine.engine.config.max_num_seqs, limits.max_queue_len)
+    open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
+    stack: ASGIApp = BodyGuard(app, limits.max_request_body_bytes, json_paths)
+    stack = AdmitAtArrival(stack, gate, GENERATION_PATHS)
+    stack = Auth(stack, api_key, open_paths)
+    return RequestContext(stack)
 
 
 def _banner(model: str, host: str, port: int, api_key: str | None) -> str:
@@ -115,7 +130,8 @@ def serve(
     host: str,
     port: int,
     api_key: str | None = None,
-    max_queue_len: int | None = None,
+    limits: ServerLimits | None = None,
+    public_metrics: bool = False,
 ) -> None:
     """Run the server until SIGINT/SIGTERM (uvicorn stops accepting and lets in-flight
     requests finish), then stop the engine loop."""
@@ -135,9 +151,18 @@ def serve(
                 for sig, handler in previous.items():
                     signal.signal(sig, handler)
 
-    app = build_app(engine, model_name, api_key, max_queue_len)
+    limits = limits or ServerLimits()
+    app = build_app(engine, model_name, api_key, limits, public_metrics)
     print(_banner(model_name, host, port, api_key), file=sys.stderr, flush=True)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=protocol_class(limits),
+        ws="none",
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+    )
     try:
         Server(config).run()
     finally:

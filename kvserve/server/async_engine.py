@@ -15,9 +15,9 @@ cancellation) is aborted before the next step and its KV blocks freed.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import threading
+import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -42,7 +42,6 @@ class AsyncEngine:
         self._commands: deque[tuple[str, str, Any, Any]] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
-        self._ids = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
@@ -61,7 +60,8 @@ class AsyncEngine:
         return len(self._queues)
 
     def new_request_id(self, prefix: str) -> str:
-        return f"{prefix}-{next(self._ids)}"
+        """`prefix-` + a random uuid4 hex: unique across restarts and replicas."""
+        return f"{prefix}-{uuid.uuid4().hex}"
 
     def get_metrics(self) -> EngineMetrics:
         """A snapshot of the engine's counters (read while a step may run: ints, no locks)."""

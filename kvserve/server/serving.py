@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import Response
@@ -21,19 +21,13 @@ from fastapi.responses import Response
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server import responses, streaming
+from kvserve.server.admission import reservation_of
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import ModelNotFound
+from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.tokenizer import apply_chat_template
-
-
-class RequestLimits(NamedTuple):
-    """Per-request cost limits (flags of `kvserve serve`); None chars = derived on start."""
-
-    max_prompt_chars: int | None = None
-    max_n: int = 16
-    max_batch_prompts: int = 64
 
 
 @dataclass
@@ -43,12 +37,13 @@ class Serving:
     engine: AsyncEngine
     model_name: str
     metrics: ServerMetrics
-    limits: RequestLimits = field(default_factory=RequestLimits)
+    limits: ServerLimits = field(default_factory=ServerLimits)
 
     def __post_init__(self) -> None:
-        if self.limits.max_prompt_chars is None:
+        chars = self.limits.max_prompt_chars
+        if chars is None:  # derived: no prompt longer than this can fit the context
             chars = self.engine.max_model_len * longest_token_chars(self.engine.tokenizer)
-            self.limits = self.limits._replace(max_prompt_chars=chars)
+        self.max_prompt_chars: int = chars
 
     def model_card(self) -> dict[str, Any]:
         """The served model as `/v1/models` lists it."""
@@ -66,6 +61,7 @@ class Serving:
         params, n = body.completion_params(self.limits.max_n)
         prompts = body.prompts(self.limits.max_batch_prompts)
         self._check_chars("prompt", [p for p in prompts if isinstance(p, str)])
+        _hold_seats(request, params.n * len(prompts), "best_of" if params.n > n else "n")
         request_id = self.engine.new_request_id("cmpl")
         inputs = [_prompt_input(p, body.cache_salt) for p in prompts]
         runs = await self._start(request_id, inputs, params)
@@ -95,6 +91,7 @@ class Serving:
         """POST /v1/chat/completions."""
         check_model(body.model, self.model_name)
         params = body.chat_params(self.limits.max_n)
+        _hold_seats(request, params.n, "n")
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("messages: this model has no tokenizer; use /v1/completions")
@@ -133,7 +130,7 @@ class Serving:
 
     def _check_chars(self, field_name: str, texts: Sequence[str]) -> None:
         """Reject text too long to fit the context before tokenizing it (milliseconds)."""
-        limit = self.limits.max_prompt_chars
+        limit = self.max_prompt_chars
         num_chars = sum(len(text) for text in texts)
         if limit is not None and num_chars > limit:
             raise ValueError(
@@ -172,6 +169,14 @@ def longest_token_chars(tokenizer: Any) -> int:
     if tokenizer is None:
         return 16
     return max((len(token) for token in tokenizer.get_vocab()), default=16)
+
+
+def _hold_seats(request: Request, num_seqs: int, param: str) -> None:
+    """Grow the seats admission reserved at arrival to the request's real sequences
+    (400 if they could never fit, 429 if not now)."""
+    reservation = reservation_of(request)
+    if reservation is not None:
+        reservation.grow(num_seqs, param)
 
 
 def _prompt_input(prompt: str | list[int], cache_salt: str | None) -> dict[str, Any]:

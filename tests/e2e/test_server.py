@@ -201,8 +201,8 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
     model = make_tiny_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=1024,
                                  num_hidden_layers=8, max_position_embeddings=512)  # fmt: skip
     args = ["--model", str(model), "--max-model-len", "512", "--num-kv-blocks", "64",
-            "--api-key", "sesame", "--max-queue-len", "0", "--max-num-seqs", "1",
-            "--served-model-name", "tiny"]  # fmt: skip
+            "--api-key", "sesame", "--public-metrics", "--max-queue-len", "0",
+            "--max-num-seqs", "1", "--served-model-name", "tiny"]  # fmt: skip
     server = ServerProcess(args, tmp_path / "server.log")
     base = server.start()
     try:

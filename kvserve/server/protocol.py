@@ -178,6 +178,8 @@ class CompletionRequest(_SamplingFields):
         if best_of > n and self.stream:
             raise ValueError("best_of: cannot be used with stream (only the n best are known)")
         max_tokens = 16 if self.max_tokens is None else self.max_tokens
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens: must be a non-negative integer, got {max_tokens}")
         if max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 generates nothing; use it with echo: true")
         logprobs = self.logprobs

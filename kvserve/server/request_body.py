@@ -74,40 +74,49 @@ def check_json_object(body: bytes) -> None:
         text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise BodyRejected(400, f"body: invalid UTF-8 at byte {error.start}") from None
+    non_finite: list[str] = []  # NaN, Infinity or 1e999 as written: found by the walk below
     try:
-        value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        value = json.loads(
+            text,
+            parse_constant=lambda name: _non_finite(name, non_finite),
+            parse_float=lambda number: _float(number, non_finite),
+        )
     except json.JSONDecodeError as error:
         raise BodyRejected(400, f"body: invalid JSON: {error}") from None
     except RecursionError:
         raise BodyRejected(400, f"body: nested deeper than {MAX_DEPTH} levels") from None
-    except ValueError as error:  # from the two hooks
+    except ValueError as error:  # e.g. an integer of more digits than Python converts
         raise BodyRejected(400, f"body: {error}") from None
     if not isinstance(value, dict):
         raise BodyRejected(400, f"body: must be a JSON object, got {_json_kind(value)}")
     nested = text.count("[") + text.count("{") > MAX_DEPTH
-    if nested or _SURROGATE_ESCAPE.search(text):
-        _check_strings_and_depth(value)
+    if nested or non_finite or _SURROGATE_ESCAPE.search(text):
+        _check_values_and_depth(value)
 
 
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON (numbers must be finite)")
+def _non_finite(name: str, seen: list[str]) -> float:
+    seen.append(name)
+    return float(name)
 
 
-def _finite_float(text: str) -> float:
+def _float(text: str, seen: list[str]) -> float:
     number = float(text)
     if not math.isfinite(number):
-        raise ValueError(f"the number {text[:32]} is out of range")
+        seen.append(text)
     return number
 
 
-def _check_strings_and_depth(root: dict[str, Any]) -> None:
-    """Walk the parsed body (without recursion): every str encodes, no container is nested
-    deeper than MAX_DEPTH."""
+def _check_values_and_depth(root: dict[str, Any]) -> None:
+    """Walk the parsed body (without recursion): every str encodes, every float is finite
+    (RFC 8259 has no NaN or Infinity), no container is nested deeper than MAX_DEPTH."""
     stack: list[tuple[Any, str, int]] = [(root, "", 1)]
     while stack:
         value, path, depth = stack.pop()
         if isinstance(value, str):
             _check_string(value, path)
+        elif isinstance(value, float) and not math.isfinite(value):
+            message = f"{path}: numbers must be finite (JSON has no NaN or Infinity)"
+            raise BodyRejected(400, message, path)
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:
                 raise BodyRejected(400, f"{path}: nested deeper than {MAX_DEPTH} levels", path)
@@ -115,7 +124,9 @@ def _check_strings_and_depth(root: dict[str, Any]) -> None:
             for key, item in items:
                 if isinstance(key, str):
                     _check_string(key, path or "body", " of a key")
-                child = f"{path}.{key}" if path else str(key)
+                child = (
+                    f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+                )
                 stack.append((item, child, depth + 1))
 
 

@@ -79,13 +79,13 @@ BROKEN: list[tuple[bytes, str | None]] = [  # (body, the param the 400 names)
     (b'\xef\xbb\xbf{"prompt": "x"}', None), (b"[" * 100_000, None), (DEEP, None),
     (b'{"prompt": "x", "n": 1' + b"0" * 5000 + b"}", None),
     (b'{"prompt": "a\\ud800b", "messages": []}', "prompt"),
-    (b'{"prompt": ["ok", "\\udc00"]}', "prompt.1"),
-    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages.0.content"),
-    (b'{"messages": [{"role": "\\udbff", "content": "x"}]}', "messages.0.role"),
+    (b'{"prompt": ["ok", "\\udc00"]}', "prompt[1]"),
+    (b'{"messages": [{"role": "user", "content": "hi \\ud800"}]}', "messages[0].content"),
+    (b'{"messages": [{"role": "\\udbff", "content": "x"}]}', "messages[0].role"),
     (b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
-     "messages.0.content.0.text"),
+     "messages[0].content[0].text"),
     (b'{"prompt": "x", "messages": [{"role": "user", "content": "x"}], "stop": ["\\ud800"]}',
-     "stop.0"),
+     "stop[0]"),
     (b'{"model": "\\ud800"}', "model"), (b'{"\\ud800": 1}', "body"),
 ]  # fmt: skip
 

@@ -120,6 +120,7 @@ def run_lmeval(python: Path, tasks: Path, model: str, model_args: str, args: arg
         str(python), "-m", "lm_eval", "--model", model, "--model_args", model_args,
         "--tasks", ",".join(TASKS), "--include_path", str(tasks), "--limit", str(args.limit),
         "--batch_size", str(args.batch_size), "--output_path", str(out), "--seed", "1234",
+        "--log_samples",
         *(["--device", "cpu"] if model == "hf" else []),
     ]  # fmt: skip
     subprocess.run(command, check=True, env=env)
@@ -127,6 +128,26 @@ def run_lmeval(python: Path, tasks: Path, model: str, model_args: str, args: arg
     results = json.loads(result_file.read_text())["results"]
     return {task: {k: v for k, v in results[task].items() if isinstance(v, float)}
             for task in TASKS}  # fmt: skip
+
+
+def samples(out: Path, task: str) -> dict[int, object]:
+    """doc id -> what the model answered (log-likelihoods per choice, or the generation)."""
+    path = max(out.rglob(f"samples_{task}_*.jsonl"), key=lambda p: p.stat().st_mtime)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return {row["doc_id"]: row["filtered_resps"] for row in rows}
+
+
+def agreement(work: Path) -> dict[str, float]:
+    """Per-document agreement of the two runs: the largest log-likelihood difference over
+    every choice of kjv_cloze, and the share of identical kjv_next generations."""
+    ours, theirs = samples(work / "out-kvserve", "kjv_cloze"), samples(work / "out-hf", "kjv_cloze")
+    gaps = []
+    for doc, choices in ours.items():  # each choice: [log-likelihood, is_greedy]
+        for a, b in zip(choices, theirs[doc], strict=True):  # type: ignore[call-overload]
+            gaps.append(abs(float(a[0]) - float(b[0])))
+    ours, theirs = samples(work / "out-kvserve", "kjv_next"), samples(work / "out-hf", "kjv_next")
+    same = sum(ours[doc] == theirs[doc] for doc in ours) / len(ours)
+    return {"cloze_max_abs_loglikelihood_diff": max(gaps), "next_same_generation": same}
 
 
 def main() -> int:
@@ -155,6 +176,7 @@ def main() -> int:
     report["transformers"] = run_lmeval(python, work / "tasks", "hf", hf_args, args,
                                         work / "out-hf")  # fmt: skip
     report["transformers_seconds"] = round(time.monotonic() - start, 1)
+    report["agreement"] = agreement(work)
     print(json.dumps(report, indent=2))
     if args.output_json:
         Path(args.output_json).write_text(json.dumps(report, indent=2))

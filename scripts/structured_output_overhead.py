@@ -23,7 +23,7 @@ import torch
 
 from kvserve import LLM, SamplingParams
 from kvserve.engine.engine import Engine
-from kvserve.engine.sampler import apply_token_bitmask
+from kvserve.engine.logits_processors import apply_token_bitmask
 from kvserve.engine.scheduler_output import ScheduledRequest
 from kvserve.request import Request
 from kvserve.sampling_params import StructuredOutputParams

@@ -1,7 +1,7 @@
 """The samples of `n > 1` requests that have not forked from their parent yet.
 
 A parent prefills all but its last prompt token; at that point (the fork point) its samples
-take a reference to each of its blocks and join the running requests (see scheduler.py).
+take a reference to each of its blocks and join the running requests (see request_queues.py).
 Until then they wait here, outside the scheduler's queues.
 """
 

@@ -7,28 +7,18 @@ waiting ones. When the KV pool cannot hold a running request's next tokens, the 
 request is preempted by recompute: its blocks are freed and it waits at the head of the queue,
 to resume later with identical output (its generated tokens are kept and re-prefilled).
 
-Forks share KV blocks instead of recomputing them (paged mode):
-
-- `add_request_group` queues the samples of an `n > 1` request: the first (the parent)
-  prefills all but the last prompt token, then the others fork from it and every sample
-  computes the last prompt token itself, writing into its own copy of the partial last block:
-
-      prompt      [ p0 ......................... pP-2 | pP-1 ]
-      parent      prefill (chunked as usual)            fork point F = P - 1
-      samples     share blocks of [0, F) ------------>  each computes pP-1 and samples
-
-- `fork_request` copies a running request whose newest token is not computed yet (beam
-  search): the copy shares every block and may replace that newest token.
+The scheduler reads as schedule -> update -> finish; the queues it schedules from, and the
+forks of `n > 1` and beam search that share KV blocks, are `RequestQueues`
+(engine/request_queues.py).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from kvserve.engine.forks import PendingForks
+from kvserve.engine.request_queues import RequestQueues
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -57,8 +47,12 @@ class SchedulerStats(NamedTuple):
     num_generation_tokens: int  # tokens sampled
 
 
-class Scheduler:
-    """Decides which tokens of which requests run each step, and owns request state."""
+class Scheduler(RequestQueues):
+    """Decides which tokens of which requests run each step, and applies what the step sampled.
+
+    The request state it schedules from, and its moves (add, fork, preempt), are those of
+    `RequestQueues`; this class adds the policy and the end of a request's life.
+    """
 
     def __init__(
         self,
@@ -66,86 +60,16 @@ class Scheduler:
         kv_cache_manager: KVCacheManager,
         structured_output: StructuredOutputManager | None = None,
     ) -> None:
+        super().__init__(kv_cache_manager, config.max_num_seqs)
         self.config = config
-        self.kv_cache_manager = kv_cache_manager
         # Grammar matchers of requests with structured output (created by the engine).
         self.structured_output = structured_output or StructuredOutputManager()
-        self.requests: dict[str, Request] = {}
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self.num_preemptions = 0
         self.num_prompt_tokens = 0
         self.num_computed_prompt_tokens = 0
         self.num_generation_tokens = 0
         self._finished_ids: list[str] = []
-        self._pending_forks = PendingForks()
-        # Requests not to schedule for now (beam search holds a beam until its group moves
-        # on); they keep their blocks and may still be preempted.
-        self.held: set[str] = set()
 
-    # ---- requests in and out -------------------------------------------------------------
-
-    def add_request(self, request: Request) -> None:
-        """Queue a validated request (the engine checks lengths and ids before this)."""
-        self.requests[request.request_id] = request
-        self.waiting.append(request)
-
-    def add_request_group(self, requests: list[Request]) -> None:
-        """Queue the samples of one `n > 1` request so that they share the prompt's blocks.
-
-        Sharing needs the paged cache and room for the whole group among `max_num_seqs`;
-        otherwise the samples run as independent requests (prefix caching still shares
-        their full prompt blocks).
-        """
-        parent, children = requests[0], requests[1:]
-        sharing = self.kv_cache_manager.cache_mode == "paged"
-        if not children or not sharing or len(requests) > self.config.max_num_seqs:
-            for request in requests:
-                self.add_request(request)
-            return
-        self.add_request(parent)
-        for child in children:
-            self.requests[child.request_id] = child
-        self._pending_forks.add(parent, children)
-
-    def fork_request(self, parent_id: str, child_id: str, last_token_id: int) -> Request:
-        """A copy of a request that shares all its blocks (beam search).
-
-        The parent's newest token must not be computed yet (it was just sampled); the copy
-        takes `last_token_id` in its place. No block is copied now: the first write into a
-        shared block copies it (see `KVCacheManager.fork`). A preempted parent has no blocks:
-        its copy waits right behind it and recomputes too.
-
-        Raises:
-            ValueError: the parent is unknown or finished, the child id exists, or the
-                parent's newest token is already computed.
-        """
-        parent = self.requests.get(parent_id)
-        if parent is None or parent.is_finished:
-            raise ValueError(f"request_id: cannot fork {parent_id!r}, it is not in the scheduler")
-        if child_id in self.requests:
-            raise ValueError(f"request_id: {child_id!r} already exists")
-        child = parent.copy(child_id)
-        child.replace_last_token(last_token_id)
-        if parent.status == RequestStatus.RUNNING:
-            self._fork(parent, child)
-            self.running.append(child)
-        else:  # preempted: nothing to share, the copy recomputes like its parent
-            child.status = parent.status
-            self.requests[child_id] = child
-            self.waiting.insert(self.waiting.index(parent) + 1, child)
-        return child
-
-    def preempt_held(self) -> int:
-        """Preempt every held running request (newest first) to free its blocks.
-
-        For a driver whose held requests starve the others of KV blocks. Returns how many
-        were preempted.
-        """
-        victims = [r for r in reversed(self.running) if r.request_id in self.held]
-        for request in victims:
-            self._preempt(request)
-        return len(victims)
+    # ---- requests out --------------------------------------------------------------------
 
     def finish_requests(self, request_ids: list[str], status: RequestStatus) -> None:
         """End requests from outside a step (abort, stop string): free their blocks now."""
@@ -153,14 +77,7 @@ class Scheduler:
             request = self.requests.get(request_id)
             if request is None or request.is_finished:
                 continue
-            if request.status == RequestStatus.RUNNING:
-                self.running.remove(request)
-            elif not self._pending_forks.remove(request):
-                self.waiting.remove(request)
             self._finish(request, status)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
 
     def get_stats(self) -> SchedulerStats:
         return SchedulerStats(
@@ -286,37 +203,6 @@ class Scheduler:
         self.num_computed_prompt_tokens += max(0, min(num_new, request.num_prompt_tokens - start))
         return entry
 
-    # ---- forks ---------------------------------------------------------------------------
-
-    def _fork_pending(self, parent: Request, position: int) -> None:
-        """Fork the parent's waiting samples into `running` right after the parent.
-
-        They are scheduled in this same step: the blocks they share hold tokens computed in
-        earlier steps only, so copy-on-write copies finished K/V.
-        """
-        children = self._pending_forks.take(parent.request_id)
-        for child in children:
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.num_cached_tokens = parent.num_cached_tokens
-            child.num_prompt_logprobs_scheduled = parent.num_prompt_logprobs_scheduled
-            child.first_scheduled_time = parent.first_scheduled_time
-            self._fork(parent, child)
-        self.running[position:position] = children
-
-    def _fork(self, parent: Request, child: Request) -> None:
-        self.kv_cache_manager.fork(parent, child)
-        child.status = RequestStatus.RUNNING
-        self.requests[child.request_id] = child
-
-    def _preempt(self, request: Request) -> None:
-        self.running.remove(request)
-        self.kv_cache_manager.free(request)
-        request.status = RequestStatus.PREEMPTED
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(request)
-
     # ---- after the model ran ---------------------------------------------------------------
 
     def update_from_output(
@@ -346,7 +232,6 @@ class Scheduler:
             if status is None:
                 status = self._check_stop(request, token_id)
             if status is not None:
-                self.running.remove(request)
                 self._finish(request, status)
             updated.append(request)
         return updated
@@ -366,33 +251,12 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        self.held.discard(request.request_id)
-        # A parent that ends before its samples forked leaves them to run on their own.
-        for child in reversed(self._pending_forks.take(request.request_id)):
-            self.waiting.appendleft(child)
-        request.status = status
-        self.kv_cache_manager.free(request)
+        self._remove(request, status)
         self.structured_output.free(request.request_id)
         self._finished_ids.append(request.request_id)
-        del self.requests[request.request_id]
 
     def check_invariants(self) -> None:
         """Request lists agree with each other and with the KV cache manager."""
-        running_ids = {r.request_id for r in self.running}
-        waiting_ids = {r.request_id for r in self.waiting}
-        pending_ids = self._pending_forks.child_ids()
-        if running_ids & waiting_ids:
-            raise AssertionError(f"requests both running and waiting: {running_ids & waiting_ids}")
-        if pending_ids & (running_ids | waiting_ids):
-            raise AssertionError(f"forks both pending and queued: {pending_ids}")
-        if not self._pending_forks.parent_ids() <= running_ids | waiting_ids:
-            raise AssertionError("a pending fork's parent is neither running nor waiting")
-        if running_ids | waiting_ids | pending_ids != set(self.requests):
-            raise AssertionError("scheduler request map disagrees with its queues")
-        if len(self.running) > self.config.max_num_seqs:
-            raise AssertionError("more running requests than max_num_seqs")
-        for request in self.running:
-            if request.status != RequestStatus.RUNNING:
-                raise AssertionError(f"{request} in running list")
+        super().check_invariants()
         self.structured_output.check_invariants(set(self.requests))
         self.kv_cache_manager.check_invariants()

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import pytest
 import torch
 
-from kvserve.engine.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from kvserve.engine.logits_processors import apply_penalties
+from kvserve.engine.sampler import Sampler, apply_top_k_top_p
 from kvserve.engine.scheduler_output import ScheduledRequest
 from kvserve.sampling_params import SamplingParams
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from kvserve.engine.sampler import Sampler, apply_token_bitmask
+from kvserve.engine.logits_processors import apply_token_bitmask
+from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import GrammarBitmask, ScheduledRequest
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.request import Request, RequestStatus

@@ -114,19 +114,29 @@ class Serving:
     async def _start(
         self, request_id: str, inputs: list[dict[str, Any]], params: SamplingParams
     ) -> list[streaming.Run]:
-        """Queue every prompt; each run's first output is awaited, so a validation error
-        surfaces here, before any byte is sent (the runs already queued are then aborted)."""
-        runs: list[streaming.Run] = []
-        try:
-            for index, prompt in enumerate(inputs):
-                engine_id = request_id if len(inputs) == 1 else f"{request_id}-{index}"
-                stream = self.metrics.track(self.engine.generate(engine_id, prompt, params))
-                runs.append(streaming.Run(await stream.__anext__(), stream))
-        except BaseException:
-            for run in runs:
-                await run.stream.aclose()
-            raise
-        return runs
+        """Queue every prompt at once (they share the engine's steps) and await each one's
+        first output, so a validation error surfaces here, before any byte is sent; the
+        prompts already queued are then aborted."""
+        streams = [
+            self.metrics.track(
+                self.engine.generate(
+                    request_id if len(inputs) == 1 else f"{request_id}-{index}", prompt, params
+                )
+            )
+            for index, prompt in enumerate(inputs)
+        ]
+        firsts = await asyncio.gather(
+            *(stream.__anext__() for stream in streams), return_exceptions=True
+        )
+        errors = [first for first in firsts if isinstance(first, BaseException)]
+        if errors:
+            for stream in streams:
+                await stream.aclose()
+            raise errors[0]
+        return [
+            streaming.Run(first, stream)  # type: ignore[arg-type]
+            for first, stream in zip(firsts, streams, strict=True)
+        ]
 
     def _check_chars(self, field_name: str, texts: Sequence[str]) -> None:
         """Reject text too long to fit the context before tokenizing it (milliseconds)."""

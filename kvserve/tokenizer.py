@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from jinja2 import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 # Any of these in a folder means it ships a tokenizer.
@@ -51,7 +52,25 @@ def apply_chat_template(
         raise ValueError(
             "this model's tokenizer has no chat template; use a completion prompt instead"
         )
-    text = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=False
-    )
+    for index, message in enumerate(messages):
+        if isinstance(message.get("content"), str):
+            check_text(f"messages[{index}].content", message["content"])
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+    except TemplateError as error:  # the template's own raise_exception(...): bad input
+        raise ValueError(f"messages: the chat template rejected them: {error}") from None
     return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def check_text(field_name: str, text: str) -> None:
+    """Text a tokenizer can take: encodable as UTF-8 (a lone UTF-16 surrogate makes the
+    tokenizers raise TypeError); raises ValueError naming `field_name`."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{field_name}: lone UTF-16 surrogate at character {error.start}; text must be "
+            "valid Unicode"
+        ) from None

@@ -18,8 +18,9 @@ _CORPUS = [
 ]
 
 
-def save_tiny_tokenizer(folder: Path) -> None:
-    """Train the tokenizer (deterministic) and save it into `folder` as a fast HF tokenizer."""
+def save_tiny_tokenizer(folder: Path, chat_template: str | None = None) -> None:
+    """Train the tokenizer (deterministic) and save it into `folder` as a fast HF tokenizer,
+    with `chat_template` if given."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,4 +36,7 @@ def save_tiny_tokenizer(folder: Path) -> None:
     tokenizer.train_from_iterator(_CORPUS * 10, trainer)
     assert tokenizer.get_vocab_size() == TINY_TOKENIZER_SIZE
     assert tokenizer.token_to_id("<eos>") == EOS_TOKEN_ID
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>").save_pretrained(folder)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<eos>", chat_template=chat_template
+    )
+    fast.save_pretrained(folder)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from kvserve.tokenizer import check_text
+
 PromptInput = str | list[int] | dict[str, Any]
 
 
@@ -69,6 +71,7 @@ def _tokenize(tokenizer: Any | None, prompt: object) -> tuple[str | None, list[i
             raise ValueError("prompt: must not be empty")
         if tokenizer is None:
             raise ValueError("prompt: this model has no tokenizer; pass prompt_token_ids")
+        check_text("prompt", prompt)
         return prompt, list(tokenizer.encode(prompt))
     if isinstance(prompt, list):
         return None, list(prompt)

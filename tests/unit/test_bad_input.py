@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from kvserve.config import EngineConfig
@@ -91,3 +93,26 @@ def test_bad_requests_are_rejected_and_engine_keeps_serving(
         run_engine(make_engine(tiny_checkpoints["llama"], max_model_len=64), good[:1], params)
     )
     assert token_ids(run_engine(engine, good[:1], params)) == alone
+
+
+def test_text_a_tokenizer_cannot_take_is_a_value_error(tmp_path: Path) -> None:
+    from kvserve.engine.prompts import tokenize_prompt
+    from kvserve.tokenizer import apply_chat_template, load_tokenizer
+    from tests.tiny_tokenizer import save_tiny_tokenizer
+
+    template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+    )
+    save_tiny_tokenizer(tmp_path, chat_template=template + "{{ messages[0]['content'] }}")
+    tokenizer = load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match=r"^prompt: lone UTF-16 surrogate at character 1"):
+        tokenize_prompt(tokenizer, "a\ud800b")
+    with pytest.raises(ValueError, match=r"^prompt: lone UTF-16 surrogate"):
+        tokenize_prompt(tokenizer, {"prompt": "\udfff", "cache_salt": "t"})
+    with pytest.raises(ValueError, match=r"^messages\[1\]\.content: lone UTF-16 surrogate"):
+        apply_chat_template(
+            tokenizer, [{"role": "user", "content": "ok"}, {"role": "user", "content": "\ud800"}]
+        )
+    with pytest.raises(ValueError, match=r"^messages: the chat template rejected them: user"):
+        apply_chat_template(tokenizer, [{"role": "system", "content": "x"}])
+    assert apply_chat_template(tokenizer, [{"role": "user", "content": "hi"}])

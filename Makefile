@@ -42,6 +42,7 @@ lint: setup
 	$(VENV)/bin/ruff check kvserve tests scripts
 	$(VENV)/bin/ruff format --check kvserve tests scripts
 	$(VENV)/bin/mypy kvserve
+	$(VENV)/bin/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

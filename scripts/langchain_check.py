@@ -36,9 +36,7 @@ def main() -> int:
         port = sock.getsockname()[1]
     command = [str(ROOT / ".venv/bin/python"), "-m", "kvserve", "serve", "--port", str(port),
                "--served-model-name", "smol", "--max-model-len", "1024"]  # fmt: skip
-    server = subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
+    server = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}/v1"
         for _ in range(600):

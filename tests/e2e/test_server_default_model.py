@@ -75,12 +75,22 @@ def test_chat_json_schema(server: str, temperature: float) -> None:
     check_person(json.loads(choice.message.content or ""))
 
 
-def test_completion_json_object_and_guided_choice(server: str) -> None:
+def test_completion_structured_output(server: str) -> None:
+    person = api(server).completions.create(
+        model=NAME, prompt="A user of a web site, as JSON:", max_tokens=200, temperature=0,
+        extra_body={"response_format": {"type": "json_schema",
+                                        "json_schema": {"name": "person", "schema": PERSON}}},
+    )  # fmt: skip
+    assert person.choices[0].finish_reason == "stop"
+    check_person(json.loads(person.choices[0].text))
     obj = api(server).completions.create(
-        model=NAME, prompt="A JSON object describing a cat:", max_tokens=120, temperature=0,
+        model=NAME, prompt="A JSON object describing a cat:", max_tokens=200, temperature=0,
         extra_body={"response_format": {"type": "json_object"}},
     )  # fmt: skip
-    assert isinstance(json.loads(obj.choices[0].text), dict)
+    text = obj.choices[0].text
+    assert text.startswith("{")  # nothing before the object, even if it runs out of tokens
+    if obj.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
     pick = api(server).completions.create(
         model=NAME, prompt="Is the sky blue? Answer:", max_tokens=5, temperature=0,
         extra_body={"guided_choice": ["yes", "no"]},
@@ -102,7 +112,8 @@ def test_chat_stream_logprobs_equal_whole(server: str) -> None:
     assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content
     expected = whole.choices[0].logprobs.content
     assert [t.token for t in streamed] == [t.token for t in expected]
-    assert [t.logprob for t in streamed] == [t.logprob for t in expected]
+    # the second request reuses the first's cached prefix: equal up to float summation order
+    assert [t.logprob for t in streamed] == pytest.approx([t.logprob for t in expected], abs=1e-4)
     assert all(len(t.top_logprobs) == 3 for t in expected)
     if whole.choices[0].finish_reason == "length":  # no EOS token (not part of the text)
         assert "".join(t.token for t in expected) == whole.choices[0].message.content

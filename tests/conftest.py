@@ -131,3 +131,16 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
 @pytest.fixture(scope="session", name="make_tiny_checkpoint")
 def make_tiny_checkpoint_fixture() -> Callable[..., Path]:
     return make_tiny_checkpoint
+
+
+@pytest.fixture(scope="session")
+def hf_models(tiny_checkpoints: dict[str, str]) -> dict[str, torch.nn.Module]:
+    """transformers' model of every tiny checkpoint (eager attention, fp32): the oracle."""
+    from transformers import AutoModelForCausalLM
+
+    return {
+        name: AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        for name, path in tiny_checkpoints.items()
+    }

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from kvserve.sampling_params import SamplingParams
 from tests.helpers import hf_greedy, make_engine, random_prompts, run_engine
 
 NUM_NEW = 32
 LENGTHS = [5, 17, 33, 2]
-
-
-@pytest.fixture(scope="module")
-def hf_models(tiny_checkpoints: dict[str, str]) -> dict[str, torch.nn.Module]:
-    return {
-        name: AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        for name, path in tiny_checkpoints.items()
-    }
 
 
 @pytest.mark.parametrize("block_size", [16])

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
@@ -20,16 +19,6 @@ from tests.helpers import make_engine, random_prompts, run_engine
 K = 3
 LENGTHS = [1, 2, 9, 40]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True, prompt_logprobs=K)
-
-
-@pytest.fixture(scope="module")
-def hf_models(tiny_checkpoints: dict[str, str]) -> dict[str, torch.nn.Module]:
-    return {
-        name: AutoModelForCausalLM.from_pretrained(
-            path, dtype=torch.float32, attn_implementation="eager"
-        ).eval()
-        for name, path in tiny_checkpoints.items()
-    }
 
 
 @torch.inference_mode()

@@ -93,6 +93,8 @@ class EngineConfig:
         _require_choice("cache_mode", self.cache_mode, CACHE_MODES)
         _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.preemption_mode == "swap":
+            raise ValueError("preemption_mode: 'swap' needs a CPU KV tier, which kvserve lacks yet")
         _require_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
         _require_choice("dtype", self.dtype, DTYPES)
         object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))

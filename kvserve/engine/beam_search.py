@@ -154,7 +154,7 @@ class BeamSearch:
                 ):
                     assert logprobs is not None, "beam requests always ask for logprobs"
                     arrived[request_id] = (logprobs.top_token_ids, logprobs.top_logprobs)
-                    self.scheduler.held.add(request_id)
+                    self.scheduler.hold(request_id)
                 for group in active:
                     if all(beam.request_id in arrived for beam in group.beams):
                         self._advance(group, arrived)
@@ -177,7 +177,7 @@ class BeamSearch:
         candidates = []  # (cum_logprob, beam index, token), best first; ties keep beam order
         for index, beam in enumerate(group.beams):
             token_ids, logprobs = arrived.pop(beam.request_id)
-            self.scheduler.held.discard(beam.request_id)
+            self.scheduler.release(beam.request_id)
             for token_id, logprob in zip(token_ids, logprobs, strict=True):
                 candidates.append((beam.cum_logprob + logprob, index, token_id))
         candidates.sort(key=lambda c: c[0], reverse=True)
@@ -239,7 +239,7 @@ class BeamSearch:
             else:
                 reused.add(index)
                 request_id = parent.request_id
-                self.scheduler.requests[request_id].replace_last_token(token_id)
+                self.scheduler.replace_last_token(request_id, token_id)
             new_beams.append(_Beam(request_id, [*parent.token_ids, token_id], cum_logprob))
         self._end([b.request_id for i, b in enumerate(beams) if i not in reused])
         return new_beams

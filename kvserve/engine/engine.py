@@ -75,6 +75,7 @@ class Engine:
                 max_num_batched_tokens=self.config.max_num_batched_tokens,
                 max_model_len=self.max_model_len,
                 enable_chunked_prefill=self.config.enable_chunked_prefill,
+                preemption_mode=self.config.preemption_mode,
             ),
             self.kv_cache_manager,
             self.structured_output,

@@ -3,13 +3,14 @@
 There is no prefill or decode phase: every step, each request gets up to
 `num_tokens - num_computed_tokens` new tokens, within `max_num_batched_tokens` for the whole
 step and `max_num_seqs` running requests. Running requests go first (in admission order), then
-waiting ones. When the KV pool cannot hold a running request's next tokens, the newest running
-request is preempted by recompute: its blocks are freed and it waits at the head of the queue,
-to resume later with identical output (its generated tokens are kept and re-prefilled).
+waiting ones (see `_admit_waiting` for the rule when one does not fit). When the KV pool cannot
+hold a running request's next tokens, the newest running request is preempted: the
+preemption strategy releases its blocks (engine/preemption.py) and it waits at the head of
+the queue, to resume later with identical output.
 
-The scheduler reads as schedule -> update -> finish; the queues it schedules from, and the
-forks of `n > 1` and beam search that share KV blocks, are `RequestQueues`
-(engine/request_queues.py).
+The scheduler reads as schedule -> update -> finish; the queues it schedules from and their
+moves are `RequestQueues` (engine/request_queues.py), whose forks of `n > 1` and beam search,
+and beam holds, are kept by `Forks` (engine/forks.py).
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ from kvserve.request import Request, RequestStatus
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The resolved limits the scheduler enforces (see `kvserve.config.EngineConfig`)."""
+    """The resolved limits the scheduler enforces (see `kvserve.config.EngineConfig`).
+
+    `max_bypass_steps`: in how many steps later requests may be admitted past a waiting
+    request that does not fit; after that, nothing behind it is admitted until it fits.
+    """
 
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
     enable_chunked_prefill: bool = True
+    preemption_mode: str = "recompute"
+    max_bypass_steps: int = 4
 
 
 class SchedulerStats(NamedTuple):
@@ -50,8 +57,8 @@ class SchedulerStats(NamedTuple):
 class Scheduler(RequestQueues):
     """Decides which tokens of which requests run each step, and applies what the step sampled.
 
-    The request state it schedules from, and its moves (add, fork, preempt), are those of
-    `RequestQueues`; this class adds the policy and the end of a request's life.
+    The request state it schedules from, and its moves (add, fork, hold, preempt), are those
+    of `RequestQueues`; this class adds the policy and the end of a request's life.
     """
 
     def __init__(
@@ -60,7 +67,12 @@ class Scheduler(RequestQueues):
         kv_cache_manager: KVCacheManager,
         structured_output: StructuredOutputManager | None = None,
     ) -> None:
-        super().__init__(kv_cache_manager, config.max_num_seqs)
+        super().__init__(
+            kv_cache_manager,
+            config.max_num_seqs,
+            config.preemption_mode,
+            config.max_bypass_steps,
+        )
         self.config = config
         # Grammar matchers of requests with structured output (created by the engine).
         self.structured_output = structured_output or StructuredOutputManager()
@@ -102,7 +114,7 @@ class Scheduler(RequestQueues):
         scheduled: list[ScheduledRequest] = []
         budget, preempted = self._schedule_running(scheduled, budget)
         if not preempted:
-            self._schedule_waiting(scheduled, budget)
+            self._admit_waiting(scheduled, budget)
         scheduled.sort(key=lambda r: r.num_new_tokens != 1)  # decodes first, order kept
         output = SchedulerOutput(
             scheduled=scheduled,
@@ -118,10 +130,10 @@ class Scheduler(RequestQueues):
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            if request.request_id in self.held:
+            if self.forks.is_held(request):
                 index += 1
                 continue
-            if self._pending_forks.at_fork_point(request):
+            if self.forks.at_fork_point(request):
                 self._fork_pending(request, index + 1)
             num_new = self._num_new_tokens(request, request.num_computed_tokens, budget)
             if num_new == 0:
@@ -134,40 +146,57 @@ class Scheduler(RequestQueues):
                 if victim is request:
                     break
             else:
-                scheduled.append(self._scheduled(request, num_new))
+                scheduled.append(self._schedule_request(request, num_new))
                 budget -= num_new
                 index += 1
         return budget, preempted
 
-    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
-        for request in list(self.waiting):
-            if budget <= 0:
+    def _admit_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        """Admit waiting requests in queue order while the budget and `max_num_seqs` allow.
+
+        One that does not fit may be passed by the ones behind it, within the bound of
+        `RequestQueue` (engine/request_queue.py). Held requests are skipped.
+        """
+        for request in self.waiting.start_admission():
+            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if request.request_id in self.held:
+            if self.forks.is_held(request):
                 continue
-            group_size = self._pending_forks.group_size(request)
-            if len(self.running) + group_size > self.config.max_num_seqs:
-                break
-            hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
-            num_new = self._num_new_tokens(request, num_hit_tokens, budget)
-            at_fork_point = num_hit_tokens == self._pending_forks.fork_point(request)
-            if num_new == 0 and not at_fork_point:
-                break
-            if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
-                break
-            self.waiting.remove(request)
-            request.num_computed_tokens = num_hit_tokens
-            if request.num_cached_tokens < 0:
-                request.num_cached_tokens = num_hit_tokens
-                self.num_prompt_tokens += request.num_prompt_tokens
-            if request.first_scheduled_time is None:
-                request.first_scheduled_time = time.monotonic()
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            if num_new == 0:  # admitted at its fork point: the group forks next step
-                continue
-            scheduled.append(self._scheduled(request, num_new))
-            budget -= num_new
+            num_new = self._admit(request, budget)
+            if num_new is None:
+                if not self.waiting.skip(request):
+                    break
+            elif num_new > 0:  # 0: admitted at its fork point, the group forks next step
+                scheduled.append(self._schedule_request(request, num_new))
+                budget -= num_new
+        self.waiting.end_admission()
+
+    def _admit(self, request: Request, budget: int) -> int | None:
+        """Move a waiting request to `running` with its prefix hit and this step's slots.
+
+        Returns its number of new tokens this step, or None (and nothing changed) if it
+        does not fit.
+        """
+        group_size = self.forks.group_size(request)
+        if len(self.running) + group_size > self.config.max_num_seqs:
+            return None
+        hit_blocks, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+        num_new = self._num_new_tokens(request, num_hit_tokens, budget)
+        at_fork_point = num_hit_tokens == self.forks.fork_point(request)
+        if num_new == 0 and not at_fork_point:
+            return None
+        if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
+            return None
+        self.waiting.admit(request)
+        request.num_computed_tokens = num_hit_tokens
+        if request.num_cached_tokens < 0:
+            request.num_cached_tokens = num_hit_tokens
+            self.num_prompt_tokens += request.num_prompt_tokens
+        if request.first_scheduled_time is None:
+            request.first_scheduled_time = time.monotonic()
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+        return num_new
 
     def _num_new_tokens(self, request: Request, num_computed: int, budget: int) -> int:
         """Tokens to compute this step: all that remain, cut to the budget when chunking.
@@ -176,7 +205,7 @@ class Scheduler(RequestQueues):
         a request runs whole or not at all this step. A parent whose samples have not forked
         yet stops at the fork point.
         """
-        fork_point = self._pending_forks.fork_point(request)
+        fork_point = self.forks.fork_point(request)
         end = request.num_tokens if fork_point is None else fork_point
         num_new = end - num_computed
         if num_new <= budget:
@@ -185,7 +214,8 @@ class Scheduler(RequestQueues):
             return budget
         return 0
 
-    def _scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _schedule_request(self, request: Request, num_new: int) -> ScheduledRequest:
+        """Name the request's next `num_new` tokens for this step and count them computed."""
         start = request.num_computed_tokens
         entry = ScheduledRequest(
             request_id=request.request_id,

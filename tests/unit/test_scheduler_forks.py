@@ -116,14 +116,14 @@ def test_held_requests_are_skipped_and_can_be_preempted() -> None:
     for name in ("a", "b"):
         scheduler.add_request(Request(name, [1, 2, 3], SamplingParams(max_tokens=8)))
     step(scheduler)
-    scheduler.held.add("a")
+    scheduler.hold("a")
     output = step(scheduler)
     assert [e.request_id for e in output.scheduled] == ["b"]
     assert scheduler.preempt_held() == 1
     assert scheduler.requests["a"].status == RequestStatus.PREEMPTED
     output = step(scheduler)  # held and waiting: still not admitted
     assert [e.request_id for e in output.scheduled] == ["b"]
-    scheduler.held.discard("a")
+    scheduler.release("a")
     output = step(scheduler)
     assert [(e.request_id, e.num_new_tokens) for e in output.scheduled] == [("b", 1), ("a", 4)]
 

@@ -16,7 +16,8 @@ for prefill + decode time from `CostModel`, then frees them (`free`). A request 
 blocks than the cache is rejected on arrival and counts as all misses.
 
 With `tiers`, blocks the pool evicts (its `BlockRemoved` events) fall into lower tiers
-(`sim.tiers`), and the prefix run continues through them: restored blocks are loaded instead of recomputed when that is faster.
+(`sim.tiers`), and the prefix run continues through them: restored blocks are loaded instead
+of recomputed when that is faster.
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from kvserve.engine.scheduler import Scheduler, SchedulerConfig
+from kvserve.engine.scheduler_output import ModelRunnerOutput
 from kvserve.kv.block_hash import block_hashes
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
@@ -188,3 +190,32 @@ def test_a_window_never_loads_from_the_connector() -> None:
     manager = make_manager(connector=FakeTier(hashes), sliding_window=4)
     hit, num_hit_tokens = manager.get_computed_blocks(make_request("r", tokens))
     assert (list(hit), hit.external_hashes, num_hit_tokens) == ([], [], 0)
+
+
+def test_the_scheduler_orders_loads_and_saves_and_commits_after_the_step() -> None:
+    tokens = list(range(10))
+    hashes = block_hashes(tokens, BLOCK_SIZE)
+    manager = KVCacheManager(16, BLOCK_SIZE, max_model_len=64, connector=FakeTier(hashes[:1]))
+    config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    scheduler = Scheduler(config, manager)
+    params = SamplingParams(max_tokens=4, ignore_eos=True)
+    for request_id in ("a", "b"):
+        scheduler.add_request_group([Request(request_id, tokens, params)])
+    output = scheduler.schedule()
+    # Each loads block 0's K/V from the tier (a into 1, b into 4) and computes 4..9.
+    assert [(e.request_id, e.block_ids) for e in output.scheduled] == [
+        ("a", [1, 2, 3]),
+        ("b", [4, 5, 6]),
+    ]
+    assert output.blocks_to_load == [BlockTransfer(1, hashes[0]), BlockTransfer(4, hashes[0])]
+    assert output.blocks_to_save == [BlockTransfer(2, hashes[1]), BlockTransfer(5, hashes[1])]
+    assert manager.pool.num_cached_blocks == 0  # nothing is written yet
+    scheduler.update_from_output(output, ModelRunnerOutput(["a", "b"], [7, 7], [None, None]))
+    scheduler.check_invariants()
+    assert [manager.pool.get_cached_block(h) for h in hashes] == [
+        manager.pool.blocks[1],
+        manager.pool.blocks[2],
+    ]
+    later = Request("c", tokens, params)
+    hit, num_hit_tokens = manager.get_computed_blocks(later)
+    assert ([b.block_id for b in hit], hit.external_hashes, num_hit_tokens) == ([1, 2], [], 8)

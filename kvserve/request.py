@@ -69,7 +69,8 @@ class Request:
         self.num_preemptions = 0
         # Prompt-logprob positions [0, n) already scheduled once (see prompt_logprob_positions).
         self.num_prompt_logprobs_scheduled = 0
-        # Hashes of the full blocks of all_token_ids, extended by the KV cache manager.
+        # Hashes of the full blocks of all_token_ids (kv/block_hash.py), extended by the KV
+        # cache manager whether prefix caching is on or off: a router computes the same ones.
         self.block_hashes: list[bytes] = []
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from kvserve.engine.kv_connector import KVConnector
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.prompts import PromptInput as PromptInput  # re-exported (older imports)
@@ -24,6 +25,7 @@ from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-ex
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.structured_output import StructuredOutputManager
+from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.quant import element_bytes, scale_bytes_per_token_per_layer, storage_dtype
 from kvserve.kv.sizing import kv_bytes_per_token
@@ -38,16 +40,27 @@ DEFAULT_MAX_MODEL_LEN = 4096
 
 
 class Engine:
-    """A synchronous engine. `add_request` validates before any work; `step` advances all."""
+    """A synchronous engine. `add_request` validates before any work; `step` advances all.
 
-    def __init__(self, config: EngineConfig) -> None:
+    `kv_connector` moves KV blocks to and from a place outside the pool (a tier, another
+    engine; see engine/kv_connector.py); None: the pool is all there is.
+    `block_hash_params` are what a router needs to compute this engine's block hashes from
+    token ids (`BlockHashParams.block_hashes`).
+    """
+
+    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None) -> None:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.model_path = _resolve_model_path(config.model)
         self.tokenizer: Any = load_tokenizer(self.model_path)
-        self.model_runner = ModelRunner(self.model_path, config.dtype, config.device, config.seed)
+        self.model_runner = ModelRunner(
+            self.model_path, config.dtype, config.device, config.seed, kv_connector
+        )
         self.model_config = self.model_runner.model_config
         self.config, num_blocks = self._resolve(config)
+        self.block_hash_params = BlockHashParams(
+            self.config.block_size, self.model_config.fingerprint, self.config.kv_cache_dtype
+        )
         self.model_runner.initialize_kv_cache(
             num_blocks,
             self.config.block_size,
@@ -62,8 +75,9 @@ class Engine:
             enable_prefix_caching=self.config.enable_prefix_caching,
             cache_mode=self.config.cache_mode,
             max_model_len=self.max_model_len,
-            hash_extra_keys=(self.model_config.fingerprint, self.config.kv_cache_dtype),
+            hash_extra_keys=self.block_hash_params.extra_keys,
             sliding_window=self.model_config.sliding_window,
+            connector=kv_connector,
         )
         self.eos_token_ids = self._eos_token_ids()
         self.structured_output = StructuredOutputManager(

@@ -14,6 +14,7 @@ from typing import NamedTuple
 import torch
 
 from kvserve.engine.compiled_decode import CompiledDecode
+from kvserve.engine.kv_connector import KVConnector, NoKVConnector
 from kvserve.engine.prompt_logprobs import compute_prompt_logprobs
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
@@ -33,9 +34,18 @@ class StepInputs(NamedTuple):
 
 
 class ModelRunner:
-    """Owns the model, the physical KV cache and the sampler; makes no policy decisions."""
+    """Owns the model, the physical KV cache, the sampler and the KV connector (the worker
+    half: loads and saves the step's blocks, see engine/kv_connector.py); makes no policy
+    decisions."""
 
-    def __init__(self, model_path: str, dtype: str, device: str, seed: int) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        dtype: str,
+        device: str,
+        seed: int,
+        connector: KVConnector | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
         self.model: CausalLM = load_model(model_path, dtype=self.dtype, device=self.device)
@@ -45,6 +55,7 @@ class ModelRunner:
         self.block_size = 0
         self.compiled: CompiledDecode | None = None
         self.decode_kernel = False  # decode attention in kvserve's C++ kernel (kernels/)
+        self.connector = connector or NoKVConnector()
 
     def initialize_kv_cache(
         self, num_blocks: int, block_size: int, kv_cache_dtype: str, attention_backend: str
@@ -84,16 +95,23 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: copy-on-write copies, forward, logits of sampled rows, sampling,
-        and the logprobs of the prompt positions the scheduler named (prompt_logprobs.py)."""
-        if self.kv_caches is not None:
-            copy_blocks(self.kv_caches, scheduler_output.block_copies)
+        """Run one step: blocks to load, copy-on-write copies, forward, blocks to save, logits
+        of sampled rows, sampling, and the logprobs of the prompt positions the scheduler
+        named (prompt_logprobs.py). Loads and saves go through the connector; empty orders
+        (always, without a tier) skip it."""
+        kv_caches = self.kv_caches
+        if kv_caches is not None:
+            if scheduler_output.blocks_to_load:
+                self.connector.load_blocks(kv_caches, scheduler_output.blocks_to_load)
+            copy_blocks(kv_caches, scheduler_output.block_copies)
         scheduled = scheduler_output.scheduled
         if not scheduled:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(scheduled)
         sampled = [r for r in scheduled if r.sample]
         hidden, logits = self._forward(inputs, is_decode=len(sampled) == len(inputs.input_ids))
+        if kv_caches is not None and scheduler_output.blocks_to_save:
+            self.connector.save_blocks(kv_caches, scheduler_output.blocks_to_save)
         prompt_logprobs = (
             {}  # an all-decode step: every row samples, none scores a prompt token
             if hidden is None

@@ -116,9 +116,12 @@ class Scheduler(RequestQueues):
         if not preempted:
             self._admit_waiting(scheduled, budget)
         scheduled.sort(key=lambda r: r.num_new_tokens != 1)  # decodes first, order kept
+        manager = self.kv_cache_manager
         output = SchedulerOutput(
             scheduled=scheduled,
-            block_copies=self.kv_cache_manager.take_block_copies(),
+            blocks_to_load=manager.take_blocks_to_load(),
+            block_copies=manager.take_block_copies(),
+            blocks_to_save=manager.take_blocks_to_save(),
             finished_request_ids=self._finished_ids,
             grammar_bitmask=self.structured_output.grammar_bitmask(scheduled),
         )
@@ -247,6 +250,7 @@ class Scheduler(RequestQueues):
         """
         now = time.monotonic()
         updated: list[Request] = []
+        self.kv_cache_manager.commit_step()  # the step's full blocks are written: cache them
         if not self.kv_cache_manager.caches_kv:  # nothing was kept: next step starts over
             for entry in scheduler_output.scheduled:
                 self.requests[entry.request_id].num_computed_tokens = 0

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from kvserve.kv.kv_transfer import BlockTransfer
 from kvserve.sampling_params import SamplingParams
 
 
@@ -74,13 +75,23 @@ class SchedulerOutput:
     """Everything the model runner needs for one step.
 
     `scheduled` lists decode requests (one new token each) before prefill chunks, so the runner
-    can batch the decodes. `block_copies` are (src, dst) block ids to copy before the forward
-    (copy-on-write of a shared block). `grammar_bitmask` masks the rows of sampled requests
-    with structured output (None when there are none).
+    can batch the decodes. `grammar_bitmask` masks the rows of sampled requests with
+    structured output (None when there are none).
+
+    KV moves, in the order the runner carries them out:
+
+        blocks_to_load (connector)  ->  block_copies  ->  forward  ->  blocks_to_save (connector)
+
+    `blocks_to_load` are (block_id, block_hash) of fresh blocks to fill from the connector (a
+    prefix hit beyond the pool); `block_copies` are (src, dst) block ids (copy-on-write of a
+    shared block); `blocks_to_save` are (block_id, block_hash) of full blocks this forward
+    writes, for the connector to keep (empty unless it saves).
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    blocks_to_load: list[BlockTransfer] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    blocks_to_save: list[BlockTransfer] = field(default_factory=list)
     finished_request_ids: list[str] = field(default_factory=list)
     grammar_bitmask: GrammarBitmask | None = None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from kvserve.request import Request
 
@@ -57,29 +58,85 @@ def hash_block(
     return digest.digest()
 
 
+class BlockHashParams(NamedTuple):
+    """What besides token ids decides an engine's block hashes; `Engine.block_hash_params`.
+
+    A router outside the engine computes the hashes the engine will use for a prompt with
+    `params.block_hashes(token_ids, cache_salt)` and compares them with the hashes a replica
+    announced (KV events), without asking the engine.
+    """
+
+    block_size: int
+    model_fingerprint: str
+    kv_cache_dtype: str
+
+    @property
+    def extra_keys(self) -> tuple[ExtraKey, ...]:
+        return (self.model_fingerprint, self.kv_cache_dtype)
+
+    def block_hashes(self, token_ids: Sequence[int], cache_salt: str | None = None) -> list[bytes]:
+        """The hashes of the full blocks of `token_ids`, as the engine computes them."""
+        return block_hashes(token_ids, self.block_size, self.extra_keys, cache_salt=cache_salt)
+
+
+def block_hashes(
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_keys: tuple[ExtraKey, ...] = (),
+    parent: bytes | None = None,
+    *,
+    cache_salt: str | None = None,
+) -> list[bytes]:
+    """Hashes of the full blocks of `token_ids`, chained from `parent`. A pure function.
+
+    The trailing partial block has no hash. With `parent` None the chain starts here, and a
+    `cache_salt` joins the first block's extra keys only: the chain carries it to every later
+    block, so different salts never share a block. With a parent the salt is already in it
+    and `cache_salt` is ignored.
+
+    Args:
+        token_ids: the tokens after the block named by `parent` (all of them when None).
+        block_size: tokens per block, >= 1.
+        extra_keys: model fingerprint and kv dtype (see `BlockHashParams`).
+        parent: the hash of the block just before `token_ids`, None at the sequence start.
+        cache_salt: the request's salt (a tenant's private cache), or None.
+
+    Raises:
+        ValueError: block_size < 1.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size: must be >= 1, got {block_size}")
+    hashes: list[bytes] = []
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        keys = extra_keys
+        if parent is None and cache_salt is not None:
+            keys = extra_keys + (_CACHE_SALT_KEY, cache_salt)
+        parent = hash_block(parent, token_ids[start : start + block_size], keys)
+        hashes.append(parent)
+    return hashes
+
+
 def extend_block_hashes(
     request: Request, block_size: int, extra_keys: tuple[ExtraKey, ...] = ()
 ) -> list[bytes]:
-    """Append to `request.block_hashes` the hashes of its newly full blocks.
+    """Append to `request.block_hashes` the hashes of its newly full blocks (`block_hashes`).
 
     Only blocks whose tokens are all in `request.all_token_ids` are hashed; hashes already
     there are kept, so calling this every step costs one hash per newly full block. The
-    request's `cache_salt` joins the first block's extra keys only: the chain carries it to
-    every later block, so different salts never share a block.
+    request's `cache_salt` salts its first block.
 
     Returns:
         request.block_hashes (the same list, extended).
     """
     hashes = request.block_hashes
-    num_full_blocks = request.num_tokens // block_size
-    tokens = request.all_token_ids
-    for index in range(len(hashes), num_full_blocks):
-        parent = hashes[index - 1] if index > 0 else None
-        keys = extra_keys
-        if index == 0 and request.cache_salt is not None:
-            keys = extra_keys + (_CACHE_SALT_KEY, request.cache_salt)
-        start = index * block_size
-        hashes.append(hash_block(parent, tokens[start : start + block_size], keys))
+    num_hashed = len(hashes)
+    if (num_hashed + 1) * block_size > request.num_tokens:
+        return hashes  # the common decode step: no block newly full
+    parent = hashes[-1] if hashes else None
+    new_tokens = request.all_token_ids[num_hashed * block_size :]
+    hashes.extend(
+        block_hashes(new_tokens, block_size, extra_keys, parent, cache_salt=request.cache_salt)
+    )
     return hashes
 
 

@@ -13,14 +13,19 @@ A block is in exactly one of two states: used (ref_cnt > 0, in some block table)
 again, so the free queue doubles as the LRU list of cached blocks: handing out pops the head
 (least recently freed) and evicts its hash, freeing appends at the tail. Other orders of the
 free queue (FIFO, LFU, Belady's optimum for simulations) are in `eviction`.
+
+With `enable_kv_events`, the pool records a `BlockStored` when a block is registered, a
+`BlockRemoved` when a cached block is evicted and `AllBlocksCleared` on a reset, in order, for
+a listener to take (`take_events`); see `kv_events`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from kvserve.kv.block import KVBlock, require
 from kvserve.kv.eviction import NextUse, new_eviction_queue
+from kvserve.kv.kv_events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
 
 NULL_BLOCK_ID = 0
 
@@ -33,7 +38,8 @@ class BlockPool:
         eviction_policy: the order in which free cached blocks are evicted (see `eviction`);
             "lru" is the engine's.
         next_use: for "belady" only: block hash -> index of its next access (inf: never).
-        on_evict: called with each evicted block's hash (a lower tier may keep it).
+        enable_kv_events: record stored / removed events for `take_events` (off: nothing
+            is recorded, as nobody would take them).
 
     Raises:
         ValueError: num_blocks < 1, an unknown policy, or next_use given or missing wrongly.
@@ -44,7 +50,7 @@ class BlockPool:
         num_blocks: int,
         eviction_policy: str = "lru",
         next_use: NextUse | None = None,
-        on_evict: Callable[[bytes], None] | None = None,
+        enable_kv_events: bool = False,
     ) -> None:
         if num_blocks < 1:
             message = "must be >= 1 (block 0 is the null block)"
@@ -56,7 +62,7 @@ class BlockPool:
         for block in self.blocks[1:]:
             self._free_queue.append(block)
         self._cached: dict[bytes, KVBlock] = {}
-        self._on_evict = on_evict
+        self._events: list[KVEvent] | None = [] if enable_kv_events else None
         self.num_evictions = 0
 
     @property
@@ -148,8 +154,9 @@ class BlockPool:
         return self._cached.get(block_hash)
 
     def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes]) -> None:
-        """Register full blocks under their hashes, pairwise.
+        """Register full blocks under their hashes, pairwise: they may be hit from now on.
 
+        Call this only once the blocks' K/V are written (`KVCacheManager.commit_step`).
         A block that already has a hash is skipped. If another block is already cached under
         the same hash (two requests computed the same prefix at once), the first one stays in
         the map and the new block stays unhashed: it is freed as a plain block later.
@@ -166,6 +173,8 @@ class BlockPool:
                 continue
             block.block_hash = block_hash
             self._cached[block_hash] = block
+            if self._events is not None:
+                self._events.append(BlockStored(block_hash, block.block_id))
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only when no block is in use.
@@ -178,7 +187,19 @@ class BlockPool:
         for block in self._cached.values():
             block.block_hash = None
         self._cached.clear()
+        if self._events is not None:
+            self._events.append(AllBlocksCleared())
         return True
+
+    def take_events(self) -> list[KVEvent]:
+        """The events recorded since the last call, oldest first; clears them.
+
+        Always [] when events are off.
+        """
+        if not self._events:
+            return []
+        events, self._events = self._events, []
+        return events
 
     def _evict(self, block: KVBlock) -> None:
         if block.block_hash is None:
@@ -187,8 +208,8 @@ class BlockPool:
         del self._cached[block_hash]
         block.block_hash = None
         self.num_evictions += 1
-        if self._on_evict is not None:
-            self._on_evict(block_hash)
+        if self._events is not None:
+            self._events.append(BlockRemoved(block_hash, block.block_id))
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the pool's structures disagree.

@@ -48,3 +48,31 @@ def copy_blocks(kv_caches: KVCaches, block_copies: list[tuple[int, int]]) -> Non
     for layer in kv_caches:
         device = layer.k.device
         copy_layer_blocks(layer, src.to(device), dst.to(device))
+
+
+BlockData = list[tuple[torch.Tensor | None, ...]]  # per layer: k, v, k_scale, v_scale of one block
+
+
+def read_block(kv_caches: KVCaches, block_id: int) -> BlockData:
+    """A copy of one block's K/V in every layer, scales included, on the CPU (a connector
+    keeps it: a tier, a test's in-memory store)."""
+    return [
+        tuple(None if t is None else t[block_id].to("cpu", copy=True) for t in layer)
+        for layer in kv_caches
+    ]  # each tensor: (block_size, num_kv_heads, head_dim) or its scales' shape
+
+
+def write_block(kv_caches: KVCaches, block_id: int, data: BlockData) -> None:
+    """Write what `read_block` returned into block `block_id` of every layer.
+
+    Raises:
+        ValueError: `data` has another number of layers or tensors than the cache.
+    """
+    if len(data) != len(kv_caches):
+        raise ValueError(f"data: {len(data)} layers, the cache has {len(kv_caches)}")
+    for layer, saved in zip(kv_caches, data, strict=True):
+        if len(saved) != len(layer):
+            raise ValueError(f"data: {len(saved)} tensors in a layer, the cache has {len(layer)}")
+        for tensor, block in zip(layer, saved, strict=True):
+            if tensor is not None and block is not None:
+                tensor[block_id].copy_(block)

@@ -15,8 +15,9 @@ scheduler does (`get_computed_blocks`, then `allocate_slots` for the rest), hold
 for prefill + decode time from `CostModel`, then frees them (`free`). A request with more
 blocks than the cache is rejected on arrival and counts as all misses.
 
-With `tiers`, blocks the pool evicts fall into lower tiers (`sim.tiers`), and the prefix run
-continues through them: restored blocks are loaded instead of recomputed when that is faster.
+With `tiers`, blocks the pool evicts (its `BlockRemoved` events) fall into lower tiers
+(`sim.tiers`), and the prefix run continues through them: restored blocks are loaded instead
+of recomputed when that is faster.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.kv_events import BlockRemoved
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 from kvserve.sim.results import CostModel, SimResult
@@ -140,7 +142,7 @@ class Replay:
             max_model_len=1 << 40,
             eviction_policy=policy,
             next_use=self._lookup_next_use if self._belady else None,
-            on_evict=self.lower.put if tiers else None,
+            enable_kv_events=bool(tiers),
         )
         self._waiting: deque[_Running] = deque()
         self._running: list[tuple[float, int, _Running]] = []  # (finish time, seq, request)
@@ -201,6 +203,8 @@ class Replay:
         restores = self._restorable(entry, num_hit)
         if self.manager.allocate_slots(request, request.num_tokens - num_hit, hit_blocks) is None:
             return False
+        self.manager.commit_step()  # the prefill is instantaneous here: its blocks are written
+        self._demote_evicted()
         if self._belady:  # the hit blocks, now held: next used after this request
             self._record_future(entry, 0, num_hit)
         hit_tokens = sum(block_tokens(record.input_length, j) for j in range(num_hit))
@@ -214,6 +218,12 @@ class Replay:
         finish = round(now + duration, 6)  # microseconds: equal sums compare equal
         heapq.heappush(self._running, (finish, next(self._admissions), entry))
         return True
+
+    def _demote_evicted(self) -> None:
+        """Blocks the allocation evicted fall into the lower tiers, in eviction order."""
+        for event in self.manager.take_events():
+            if isinstance(event, BlockRemoved):
+                self.lower.put(event.block_hash)
 
     def _record_future(self, entry: _Running, start: int, stop: int) -> None:
         """Belady: prompt blocks start..stop-1 of this request are next used at their next

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvserve.kv.block_hash import extend_block_hashes, hash_block
+from kvserve.kv.block_hash import BlockHashParams, block_hashes, extend_block_hashes, hash_block
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 
@@ -112,3 +112,35 @@ def test_cache_salt_joins_the_first_block_only() -> None:
     unsalted = extend_block_hashes(make_request(list(range(8))), 4, KEYS)
     other = extend_block_hashes(make_request(list(range(8)), cache_salt="tenant-b"), 4, KEYS)
     assert len({request.block_hashes[1], unsalted[1], other[1]}) == 3
+
+
+def test_block_hashes_is_the_chain_of_hash_block_over_full_blocks() -> None:
+    h0 = hash_block(None, [0, 1, 2, 3], KEYS)
+    h1 = hash_block(h0, [4, 5, 6, 7], KEYS)
+    assert block_hashes(list(range(11)), 4, KEYS) == [h0, h1]  # 8..10: partial, no hash
+    assert block_hashes([1, 2, 3], 4, KEYS) == []
+    # A chain continued from a parent equals the whole chain.
+    assert block_hashes(list(range(4, 8)), 4, KEYS, parent=h0) == [h1]
+
+
+def test_block_hashes_salt_only_the_first_block_of_a_chain() -> None:
+    salted = (*KEYS, "cache_salt", "t")
+    h0 = hash_block(None, [0, 1, 2, 3], salted)
+    expected = [h0, hash_block(h0, [4, 5, 6, 7], KEYS)]
+    assert block_hashes(list(range(8)), 4, KEYS, cache_salt="t") == expected
+    # With a parent the salt is already in the chain: ignored.
+    assert block_hashes(list(range(4, 8)), 4, KEYS, h0, cache_salt="other") == expected[1:]
+
+
+def test_block_hashes_rejects_a_bad_block_size() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        block_hashes([1, 2], 0)
+
+
+def test_hash_params_give_a_router_the_request_hashes() -> None:
+    params = BlockHashParams(block_size=4, model_fingerprint="fp", kv_cache_dtype="int8")
+    assert params.extra_keys == ("fp", "int8")
+    request = make_request(list(range(10)), cache_salt="tenant-a")
+    expected = extend_block_hashes(request, params.block_size, params.extra_keys)
+    assert params.block_hashes(list(range(10)), cache_salt="tenant-a") == expected
+    assert params.block_hashes(list(range(10))) != expected

@@ -8,6 +8,7 @@ import pytest
 
 from kvserve.kv.block import FreeBlockQueue, KVBlock
 from kvserve.kv.block_pool import NULL_BLOCK_ID, BlockPool
+from kvserve.kv.kv_events import AllBlocksCleared, BlockRemoved, BlockStored
 
 
 def ids(blocks: list[KVBlock]) -> list[int]:
@@ -201,3 +202,28 @@ def test_check_invariants_detects_corruption(corrupt: Callable[[BlockPool], None
     corrupt(pool)
     with pytest.raises(AssertionError):
         pool.check_invariants()
+
+
+def test_events_record_stores_evictions_and_resets_in_order() -> None:
+    pool = BlockPool(4, enable_kv_events=True)
+    blocks = pool.get_new_blocks(2)
+    pool.cache_full_blocks(blocks, [h(1), h(2)])
+    pool.cache_full_blocks(blocks[:1], [h(9)])  # already hashed: no event
+    assert pool.take_events() == [BlockStored(h(1), 1), BlockStored(h(2), 2)]
+    assert pool.take_events() == []
+    pool.free_blocks(reversed(blocks))
+    assert ids(pool.get_new_blocks(2)) == [3, 2]  # 3 was never cached: only 2 is evicted
+    assert pool.take_events() == [BlockRemoved(h(2), 2)]
+    pool.free_blocks(pool.blocks[2:4])
+    assert pool.reset_prefix_cache()
+    assert pool.take_events() == [AllBlocksCleared()]
+
+
+def test_events_off_record_nothing() -> None:
+    pool = BlockPool(3)
+    blocks = pool.get_new_blocks(1)
+    pool.cache_full_blocks(blocks, [h(1)])
+    pool.free_blocks(blocks)
+    pool.get_new_blocks(2)
+    assert pool.num_evictions == 1
+    assert pool.take_events() == []

@@ -1,7 +1,9 @@
 """KVCacheManager: exact block ids, prefix hits, eviction, modes, fork/CoW, sliding window.
 
 Block size 4 throughout; block 0 is the null block, so usable ids start at 1. Each helper
-drives the manager the way the scheduler does and checks invariants after every operation.
+drives the manager the way the scheduler does and checks invariants after every operation;
+`prefill` and `step` also run the step (`commit_step`), so the full blocks it wrote are
+cached when they return (tests/unit/test_kv_transfer.py pins the timing itself).
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import random
 import pytest
 
 from kvserve.kv.block_hash import hash_block
-from kvserve.kv.kv_cache_manager import KVCacheManager, PrefixCacheStats
+from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.prefix_cache import PrefixCacheStats
 from kvserve.request import Request
 from kvserve.sampling_params import SamplingParams
 
@@ -38,6 +41,7 @@ def prefill(
     block_ids = manager.allocate_slots(request, num_new, hit_blocks)
     if block_ids is not None:
         request.num_computed_tokens = num_hit_tokens + num_new
+    manager.commit_step()
     manager.check_invariants()
     return block_ids
 
@@ -47,6 +51,7 @@ def step(manager: KVCacheManager, request: Request, num_new: int) -> list[int] |
     block_ids = manager.allocate_slots(request, num_new)
     if block_ids is not None:
         request.num_computed_tokens += num_new
+    manager.commit_step()
     manager.check_invariants()
     return block_ids
 

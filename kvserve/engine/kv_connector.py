@@ -1,0 +1,74 @@
+"""The seam through which KV blocks leave and enter the pool: one connector, two halves.
+
+The scheduler half answers while scheduling (the KV cache manager asks it): how many blocks
+after a prefix hit it can load, and whether newly written blocks should be saved. The worker
+half runs inside `ModelRunner.execute`, carrying out the step's orders:
+
+    execute(out):  load_blocks(out.blocks_to_load)   fill fresh blocks (before anything reads)
+                   copy_blocks(out.block_copies)     copy-on-write
+                   forward                           writes this step's K/V
+                   save_blocks(out.blocks_to_save)   copy full blocks out (after they are written)
+
+Orders are (block_id, block_hash) pairs (`kv_transfer.BlockTransfer`); nothing calls into the
+pool mid-step. Without a tier the engine uses `NoKVConnector`: no hits, no saves, and the
+runner skips both calls on empty orders, so it costs nothing.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from kvserve.kv.kv_cache import KVCaches
+from kvserve.kv.kv_transfer import BlockTransfer
+
+
+class KVConnector(ABC):
+    """Moves KV blocks between the block pool and one place outside it (a tier, a peer)."""
+
+    # ---- scheduler half (`kv_transfer.ExternalBlocks`) -----------------------------------
+
+    @property
+    @abstractmethod
+    def saves_blocks(self) -> bool:
+        """True when the scheduler should list newly written full blocks to save."""
+
+    @abstractmethod
+    def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `block_hashes` (a hash chain) this connector can load.
+
+        Must not change what it holds: the scheduler may still decide not to load them.
+        """
+
+    # ---- worker half (the model runner) ----------------------------------------------------
+
+    @abstractmethod
+    def load_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
+        """Fill each block_id with the K/V stored under its hash, in every layer.
+
+        Called before the forward (and before copy-on-write copies) of the step that ordered
+        the loads; every hash was counted by `num_external_hit_blocks` while scheduling it.
+        """
+
+    @abstractmethod
+    def save_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
+        """Keep the K/V of each block_id under its hash; called after the forward wrote them."""
+
+
+class NoKVConnector(KVConnector):
+    """No tier: nothing outside the pool, nothing to save."""
+
+    @property
+    def saves_blocks(self) -> bool:
+        return False
+
+    def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        return 0
+
+    def load_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
+        if blocks:
+            raise ValueError(f"blocks_to_load: {len(blocks)} blocks, but no tier is configured")
+
+    def save_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
+        if blocks:
+            raise ValueError(f"blocks_to_save: {len(blocks)} blocks, but no tier is configured")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -145,6 +144,7 @@ def test_disconnect_mid_stream_frees_the_blocks(tiny_server: str) -> None:
         client(tiny_server).chat.completions.create(
             model=TINY_NAME, messages=[{"role": "user", "content": "hi"}]
         )
+    wait_until_idle(tiny_server)  # the stream hung up is aborted: no block stays held
 
 
 @pytest.mark.slow
@@ -194,11 +194,7 @@ def test_hung_up_streams_are_aborted_and_free_their_blocks(tiny_server: str) -> 
         with httpx.stream("POST", f"{tiny_server}/v1/completions", json=body, timeout=60) as r:
             for _ in zip(range(3), r.iter_lines(), strict=False):
                 pass
-    deadline = time.monotonic() + 10
-    while metric(tiny_server, "kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(tiny_server, "kv_cache_usage_perc") == 0.0
-    assert metric(tiny_server, "num_requests_running") == 0
+    wait_until_idle(tiny_server)
 
 
 def test_api_key_public_metrics_and_a_clean_exit(tiny_llama: Path, tmp_path: Path) -> None:
@@ -259,9 +255,10 @@ def test_a_full_server_answers_429_until_the_seat_is_free(one_seat: OneSeat) -> 
     wait_until_idle(base)
 
 
-def test_a_plain_request_whose_client_hangs_up_is_aborted(one_seat: OneSeat) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_hangs_up_is_aborted(one_seat: OneSeat, stream: bool) -> None:
     base, gate, engine = one_seat
-    long = {"prompt": [4] * 10, "max_tokens": 100, "ignore_eos": True}
+    long = {"prompt": [4] * 10, "max_tokens": 100, "ignore_eos": True, "stream": stream}
     gate.allow(3)
     client_socket = send_post(port_of(base), "/v1/completions", long)
     wait_for(lambda: gate.num_steps == 3, "three steps of the request")
@@ -272,59 +269,3 @@ def test_a_plain_request_whose_client_hangs_up_is_aborted(one_seat: OneSeat) -> 
     wait_until_idle(base)  # aborted: no request left, every KV block free
     # it stopped within a step of the hang-up, far short of its 100 tokens
     assert metric(base, "generation_tokens_total") in (3, 4)
-
-
-def test_load_200_requests_32_at_once_a_third_cancelled(tiny_server: str) -> None:
-    """All uncancelled requests complete whole; afterwards no KV block is held."""
-    import asyncio
-
-    async def one(http: httpx.AsyncClient, index: int, seats: asyncio.Semaphore) -> str:
-        body = {"prompt": [3 + index % 50, 7, 11 + index % 13], "max_tokens": 12,
-                "ignore_eos": True, "temperature": 0.8, "seed": index, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
-        async with seats, http.stream("POST", "/v1/completions", json=body) as reply:
-            assert reply.status_code == 200
-            frames = []
-            async for line in reply.aiter_lines():
-                if not line:
-                    continue
-                frames.append(line)
-                if index % 3 == 0 and len(frames) == 2:
-                    return "cancelled"  # leaving the block hangs up mid-stream
-        assert frames[-1] == "data: [DONE]"
-        usage = json.loads(frames[-2].removeprefix("data: "))["usage"]
-        assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == 3
-        return "done"
-
-    async def load() -> list[str]:
-        seats = asyncio.Semaphore(32)
-        async with httpx.AsyncClient(base_url=tiny_server, timeout=120) as http:
-            return await asyncio.gather(*(one(http, i, seats) for i in range(200)))
-
-    results = asyncio.run(load())
-    assert results.count("done") == 133 and results.count("cancelled") == 67
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (
-        metric(tiny_server, "kv_cache_usage_perc") > 0
-        or metric(tiny_server, "num_requests_running") > 0
-    ):
-        time.sleep(0.1)
-    assert metric(tiny_server, "kv_cache_usage_perc") == 0.0
-    assert metric(tiny_server, "num_requests_running") == 0
-    assert metric(tiny_server, "num_requests_waiting") == 0
-    assert httpx.get(f"{tiny_server}/health").status_code == 200
-
-
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"messages": []}, "messages"),
-        ({"messages": "hi"}, "messages"),
-        ({"messages": [{"content": "no role"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ],
-)
-def test_bad_chat_requests_are_400(tiny_server: str, body: dict[str, Any], param: str) -> None:
-    reply = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=30)
-    assert reply.status_code == 400, reply.text
-    assert reply.json()["error"]["param"] == param

@@ -56,9 +56,22 @@ def build_app(
         limits: the bounds on a request's cost (default: `ServerLimits()`).
     """
     limits = limits or ServerLimits()
-    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine.get_metrics, model_name)
-    serving = Serving(engine, model_name, metrics, limits=limits)
+    app = _routes(Serving(engine, model_name, metrics, limits=limits))
+    # every POST route's body is read and checked by BodyGuard
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
+    gate = AdmissionGate(engine.max_num_seqs, limits.max_queue_len)
+    open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
+    stack: ASGIApp = BodyGuard(app, limits.max_request_body_bytes, json_paths)
+    stack = AdmitAtArrival(stack, gate, GENERATION_PATHS)
+    stack = Auth(stack, api_key, open_paths)
+    return RequestContext(stack)
+
+
+def _routes(serving: Serving) -> FastAPI:
+    """FastAPI's app: the routes, and errors in OpenAI's shape."""
+    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
     add_error_handlers(app)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -67,7 +80,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -75,7 +88,7 @@ def build_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        check_model(model_id, model_name)
+        check_model(model_id, serving.model_name)
         return serving.model_card()
 
     @app.post("/v1/completions", response_model=None)
@@ -86,12 +99,4 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await serving.chat(body, request)
 
-    # every POST route's body is read and checked by BodyGuard: define routes above this line
-    routes = [route for route in app.routes if isinstance(route, APIRoute)]
-    json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
-    gate = AdmissionGate(engine.engine.config.max_num_seqs, limits.max_queue_len)
-    open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
-    stack: ASGIApp = BodyGuard(app, limits.max_request_body_bytes, json_paths)
-    stack = AdmitAtArrival(stack, gate, GENERATION_PATHS)
-    stack = Auth(stack, api_key, open_paths)
-    return RequestContext(stack)
+    return app

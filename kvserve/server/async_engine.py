@@ -74,6 +74,11 @@ class AsyncEngine:
         return self.engine.max_model_len
 
     @property
+    def max_num_seqs(self) -> int:
+        """Most requests the engine runs at once (admission sizes its seats by it)."""
+        return self.engine.config.max_num_seqs
+
+    @property
     def num_unfinished(self) -> int:
         """Requests queued or running (read without the engine thread: may lag a step)."""
         return len(self._queues)

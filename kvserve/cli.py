@@ -160,8 +160,8 @@ def _stream_to_stdout(llm: Any, prompt: Any, params: SamplingParams) -> str:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvserve.engine.engine import Engine
-    from kvserve.server.api_server import serve
     from kvserve.server.async_engine import AsyncEngine
+    from kvserve.server.launch import serve
     from kvserve.server.limits import limits_from_args
 
     limits = limits_from_args(args)  # before loading the model: a bad flag fails fast

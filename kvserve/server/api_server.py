@@ -1,4 +1,5 @@
-"""`kvserve serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over `AsyncEngine`.
+"""The OpenAI-compatible app (FastAPI inside kvserve's ASGI layers) over `AsyncEngine`;
+launch.py runs it under uvicorn.
 
     GET|HEAD /health           200 while the server runs (never needs the API key)
     GET  /metrics              Prometheus text (kvserve/server/metrics.py)
@@ -20,12 +21,6 @@ Streaming is server-sent events, one chunk per engine step that produced text, t
 
 from __future__ import annotations
 
-import contextlib
-import json
-import logging
-import signal
-import sys
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,15 +32,11 @@ from starlette.types import ASGIApp
 from kvserve.server.admission import AdmissionGate, AdmitAtArrival
 from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.errors import add_error_handlers
-from kvserve.server.http_protocol import MAX_HEAD_BYTES, protocol_class
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import Auth, BodyGuard, RequestContext
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
 from kvserve.server.serving import Serving, check_model
-
-logger = logging.getLogger("kvserve")
-
 
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
@@ -65,9 +56,22 @@ def build_app(
         limits: the bounds on a request's cost (default: `ServerLimits()`).
     """
     limits = limits or ServerLimits()
-    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
     metrics = ServerMetrics(engine.get_metrics, model_name)
-    serving = Serving(engine, model_name, metrics, limits=limits)
+    app = _routes(Serving(engine, model_name, metrics, limits=limits))
+    # every POST route's body is read and checked by BodyGuard
+    routes = [route for route in app.routes if isinstance(route, APIRoute)]
+    json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
+    gate = AdmissionGate(engine.max_num_seqs, limits.max_queue_len)
+    open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
+    stack: ASGIApp = BodyGuard(app, limits.max_request_body_bytes, json_paths)
+    stack = AdmitAtArrival(stack, gate, GENERATION_PATHS)
+    stack = Auth(stack, api_key, open_paths)
+    return RequestContext(stack)
+
+
+def _routes(serving: Serving) -> FastAPI:
+    """FastAPI's app: the routes, and errors in OpenAI's shape."""
+    app = FastAPI(title="kvserve", docs_url=None, redoc_url=None)
     add_error_handlers(app)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
@@ -76,7 +80,7 @@ def build_app(
 
     @app.get("/metrics")
     async def prometheus() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(serving.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -84,7 +88,7 @@ def build_app(
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        check_model(model_id, model_name)
+        check_model(model_id, serving.model_name)
         return serving.model_card()
 
     @app.post("/v1/completions", response_model=None)
@@ -95,75 +99,4 @@ def build_app(
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         return await serving.chat(body, request)
 
-    # every POST route's body is read and checked by BodyGuard: define routes above this line
-    routes = [route for route in app.routes if isinstance(route, APIRoute)]
-    json_paths = frozenset(route.path for route in routes if "POST" in (route.methods or ()))
-    gate = AdmissionGate(engine.engine.config.max_num_seqs, limits.max_queue_len)
-    open_paths = frozenset({"/health", "/metrics"} if public_metrics else {"/health"})
-    stack: ASGIApp = BodyGuard(app, limits.max_request_body_bytes, json_paths)
-    stack = AdmitAtArrival(stack, gate, GENERATION_PATHS)
-    stack = Auth(stack, api_key, open_paths)
-    return RequestContext(stack)
-
-
-def _banner(model: str, host: str, port: int, api_key: str | None) -> str:
-    """How to call the server: a curl line and a Python snippet, ready to paste."""
-    base = f"http://{host}:{port}/v1"
-    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
-    body = json.dumps(
-        {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 64}
-    )
-    key = api_key or "none"
-    return (
-        f"kvserve: serving {model} at {base} (Ctrl-C to stop)\n"
-        f"  curl {base}/chat/completions -H 'Content-Type: application/json'{auth} -d '{body}'\n"
-        f"  python -c 'from openai import OpenAI; "
-        f'c = OpenAI(base_url="{base}", api_key="{key}"); '
-        f'print(c.chat.completions.create(model="{model}", '
-        f'messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)\''
-    )
-
-
-def serve(
-    engine: AsyncEngine,
-    model_name: str,
-    host: str,
-    port: int,
-    api_key: str | None = None,
-    limits: ServerLimits | None = None,
-    public_metrics: bool = False,
-) -> None:
-    """Run the server until SIGINT/SIGTERM (uvicorn stops accepting and lets in-flight
-    requests finish), then stop the engine loop."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        """uvicorn re-raises SIGTERM after its graceful shutdown (exit status -15); a server
-        that stopped as asked should exit 0."""
-
-        @contextlib.contextmanager
-        def capture_signals(self) -> Iterator[None]:
-            signals = (signal.SIGINT, signal.SIGTERM)
-            previous = {sig: signal.signal(sig, self.handle_exit) for sig in signals}
-            try:
-                yield
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
-
-    limits = limits or ServerLimits()
-    app = build_app(engine, model_name, api_key, limits, public_metrics)
-    print(_banner(model_name, host, port, api_key), file=sys.stderr, flush=True)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level="warning",
-        http=protocol_class(limits),
-        ws="none",
-        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-    )
-    try:
-        Server(config).run()
-    finally:
-        engine.shutdown()
+    return app

@@ -1,10 +1,10 @@
 """The engine loop on its own thread, streaming outputs to asyncio consumers.
 
-    event loop (FastAPI)                           engine thread (owns the Engine)
-    generate(): tokenize + validate (a worker)     loop:
-                commands += add  ---------------->     apply adds and aborts
-                await queue      <--call_soon-----     outputs = engine.step()
-    consumer gone: commands += abort                   each output -> its request's queue
+    event loop (FastAPI)                         engine thread (owns the Engine)
+    generate(): tokenize + validate (a worker)   loop:
+        commands += AddRequest  -------------->      apply AddRequest, AbortRequest
+        await queue  <---------call_soon-------      outputs = engine.step()
+    consumer gone: commands += AbortRequest          each output -> its request's queue
 
 Only the engine thread calls the engine, so requests join and leave only between steps and a
 model step never runs on (or blocks) the event loop. Invalid input raises ValueError in
@@ -20,7 +20,7 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator
-from typing import Any
+from typing import Any, NamedTuple
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import PromptInput, TokenizedPrompt
@@ -34,14 +34,33 @@ class EngineDeadError(RuntimeError):
     """A model step failed; the request cannot finish (the server answers 500)."""
 
 
+class AddRequest(NamedTuple):
+    """Queue a tokenized, validated prompt under `request_id`."""
+
+    request_id: str
+    prompt: TokenizedPrompt
+    params: SamplingParams
+
+
+class AbortRequest(NamedTuple):
+    """Drop `request_id` (waiting or running) and free its KV blocks."""
+
+    request_id: str
+
+
+Command = AddRequest | AbortRequest
+# What a request's queue receives: its outputs, or the error that ends it.
+Delivery = RequestOutput | Exception
+
+
 class AsyncEngine:
     """Runs `engine.step()` on a background thread; `generate` is an async stream."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._commands: deque[tuple[str, str, Any, Any]] = deque()
+        self._commands: deque[Command] = deque()
         self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
         self._thread.start()
@@ -53,6 +72,11 @@ class AsyncEngine:
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
+
+    @property
+    def max_num_seqs(self) -> int:
+        """Most requests the engine runs at once (admission sizes its seats by it)."""
+        return self.engine.config.max_num_seqs
 
     @property
     def num_unfinished(self) -> int:
@@ -77,23 +101,23 @@ class AsyncEngine:
             EngineDeadError: a model step failed.
         """
         tokenized = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit("add", request_id, tokenized, params)
+        self._submit(AddRequest(request_id, tokenized, params))
         finished = False
         try:
             while not finished:
                 item = await queue.get()
                 if isinstance(item, ValueError):
                     raise item
-                if isinstance(item, BaseException):
+                if isinstance(item, Exception):
                     raise EngineDeadError(str(item)) from item
                 finished = item.finished
                 yield item
         finally:
             self._queues.pop(request_id, None)
             if not finished:
-                self._submit("abort", request_id, None, None)
+                self._submit(AbortRequest(request_id))
 
     def shutdown(self) -> None:
         """Stop the loop thread after the current step."""
@@ -109,8 +133,8 @@ class AsyncEngine:
         self.engine.validate(tokenized.prompt_token_ids, params)
         return tokenized
 
-    def _submit(self, kind: str, request_id: str, prompt: Any, params: Any) -> None:
-        self._commands.append((kind, request_id, prompt, params))
+    def _submit(self, command: Command) -> None:
+        self._commands.append(command)
         self._wake.set()
 
     def _run(self) -> None:
@@ -124,14 +148,14 @@ class AsyncEngine:
 
     def _apply_commands(self) -> None:
         while self._commands:
-            kind, request_id, prompt, params = self._commands.popleft()
-            if kind == "abort":
-                self.engine.abort_request(request_id)
-                continue
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except ValueError as error:  # e.g. a request id already in use
-                self._deliver(request_id, error)
+            match self._commands.popleft():
+                case AddRequest(request_id, prompt, params):
+                    try:
+                        self.engine.add_request(request_id, prompt, params)
+                    except ValueError as error:  # e.g. a request id already in use
+                        self._deliver(request_id, error)
+                case AbortRequest(request_id):
+                    self.engine.abort_request(request_id)
 
     def _step(self) -> None:
         try:
@@ -145,7 +169,7 @@ class AsyncEngine:
         for output in outputs:
             self._deliver(output.request_id, output)
 
-    def _deliver(self, request_id: str, item: Any) -> None:
+    def _deliver(self, request_id: str, item: Delivery) -> None:
         target = self._queues.get(request_id)
         if target is not None:
             loop, queue = target

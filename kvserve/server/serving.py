@@ -1,10 +1,12 @@
 """The two generation routes: a parsed request body in, an OpenAI response (or SSE stream) out.
 
-    body --protocol--> SamplingParams, prompts --AsyncEngine.generate (one per prompt)-->
-         outputs --responses--> JSON, or --streaming--> SSE chunks
+    body --protocol--> SamplingParams, prompts, an Endpoint (endpoints.py: how choices look)
+         --_generate: AsyncEngine.generate (one per prompt)--> outputs
+         --> JSON (whole choices + usage), or --streaming.chunks--> SSE chunks
 
-A request with several prompts runs them concurrently; choice `i * n + j` is prompt i's j-th
-sample, as OpenAI numbers them.
+Both routes differ only up to the Endpoint; from there one path serves them. A request with
+several prompts runs them concurrently; choice `i * n + j` is prompt i's j-th sample, as
+OpenAI numbers them.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.server import responses, streaming
 from kvserve.server.admission import reservation_of
 from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.endpoints import ChatEndpoint, CompletionEndpoint, Endpoint
 from kvserve.server.errors import ModelNotFound
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
@@ -62,30 +65,16 @@ class Serving:
         prompts = body.prompts(self.limits.max_batch_prompts)
         self._check_chars("prompt", [p for p in prompts if isinstance(p, str)])
         _hold_seats(request, params.n * len(prompts), "best_of" if params.n > n else "n")
-        request_id = self.engine.new_request_id("cmpl")
-        inputs = [_prompt_input(p, body.cache_salt) for p in prompts]
-        runs = await self._start(request_id, inputs, params)
-        shape = streaming.CompletionShape(
+        endpoint = CompletionEndpoint(
+            self.engine.tokenizer,
             n=n,
             echo=bool(body.echo),
             echo_only=bool(body.echo) and body.max_tokens == 0,
             logprobs=body.logprobs,
             prompt_logprobs=body.prompt_logprobs is not None,
         )
-        if body.stream:
-            chunks = streaming.completion_chunks(self._context(request_id), body, shape, runs)
-            return streaming.sse(chunks, request_id)
-        finals = await _finish_or_hang_up(request, runs)
-        if finals is None:
-            return Response(status_code=499)  # nobody is listening
-        tokenizer = self.engine.tokenizer
-        finals = [shape.shown(final) for final in finals]
-        choices = [
-            streaming.completion_choice(tokenizer, shape, i * n + c.index, final, c)
-            for i, final in enumerate(finals)
-            for c in responses.best_of(final.outputs, n)
-        ]
-        return self._response(request_id, "text_completion", choices, finals)
+        inputs = [_prompt_input(p, body.cache_salt) for p in prompts]
+        return await self._generate(request, body, "cmpl", inputs, params, endpoint)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Any:
         """POST /v1/chat/completions."""
@@ -99,17 +88,38 @@ class Serving:
         self._check_chars("messages", [m["content"] for m in conversation])
         # Rendering the template and tokenizing take milliseconds: off the event loop.
         prompt_ids = await asyncio.to_thread(apply_chat_template, tokenizer, conversation)
-        request_id = self.engine.new_request_id("chatcmpl")
-        runs = await self._start(request_id, [_prompt_input(prompt_ids, body.cache_salt)], params)
-        top = params.logprobs
+        endpoint = ChatEndpoint(tokenizer, n=params.n, top=params.logprobs)
+        inputs = [_prompt_input(prompt_ids, body.cache_salt)]
+        return await self._generate(request, body, "chatcmpl", inputs, params, endpoint)
+
+    async def _generate(
+        self,
+        request: Request,
+        body: CompletionRequest | ChatCompletionRequest,
+        id_prefix: str,
+        inputs: list[dict[str, Any]],
+        params: SamplingParams,
+        endpoint: Endpoint,
+    ) -> Any:
+        """The one generation path: run every prompt, then stream the choices as they grow
+        or wait for the last outputs (a 499 if the client hung up first); `endpoint` formats."""
+        request_id = self.engine.new_request_id(id_prefix)
+        runs = await self._start(request_id, inputs, params)
         if body.stream:
-            chunks = streaming.chat_chunks(self._context(request_id), body, top, runs)
-            return streaming.sse(chunks, request_id)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            head = self._head(request_id, endpoint.CHUNK_OBJECT)
+            return streaming.sse(streaming.chunks(head, endpoint, runs, include_usage), request_id)
         finals = await _finish_or_hang_up(request, runs)
         if finals is None:
             return Response(status_code=499)  # nobody is listening
-        choices = [streaming.chat_choice(tokenizer, top, c) for c in finals[0].outputs]
-        return self._response(request_id, "chat.completion", choices, finals)
+        finals = [endpoint.shown(final) for final in finals]
+        choices = [
+            endpoint.choice(i * endpoint.n + c.index, final, c)
+            for i, final in enumerate(finals)
+            for c in responses.best_of(final.outputs, endpoint.n)
+        ]
+        head = self._head(request_id, endpoint.OBJECT)
+        return {**head, "choices": choices, "usage": responses.usage(finals)}
 
     async def _start(
         self, request_id: str, inputs: list[dict[str, Any]], params: SamplingParams
@@ -148,23 +158,13 @@ class Serving:
                 f"{self.engine.max_model_len} tokens (limit {limit}, --max-prompt-chars)"
             )
 
-    def _context(self, request_id: str) -> streaming.Context:
-        return streaming.Context(request_id, self.model_name, self.engine.tokenizer)
-
-    def _response(
-        self,
-        request_id: str,
-        kind: str,
-        choices: list[dict[str, Any]],
-        finals: list[RequestOutput],
-    ) -> dict[str, Any]:
+    def _head(self, request_id: str, kind: str) -> dict[str, Any]:
+        """The fields every reply and chunk starts with."""
         return {
             "id": request_id,
             "object": kind,
             "created": responses.now(),
             "model": self.model_name,
-            "choices": choices,
-            "usage": responses.usage(finals),
         }
 
 

@@ -3,16 +3,27 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import openai
 import pytest
 
 from kvserve.bench.server_process import ServerProcess
+from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.limits import ServerLimits
+from tests.helpers import make_engine
+from tests.server_helpers import (
+    StepGate,
+    metric,
+    port_of,
+    send_post,
+    serve_in_thread,
+    wait_for,
+    wait_until_idle,
+)
 
 TINY_NAME = "tiny"
 
@@ -133,6 +144,7 @@ def test_disconnect_mid_stream_frees_the_blocks(tiny_server: str) -> None:
         client(tiny_server).chat.completions.create(
             model=TINY_NAME, messages=[{"role": "user", "content": "hi"}]
         )
+    wait_until_idle(tiny_server)  # the stream hung up is aborted: no block stays held
 
 
 @pytest.mark.slow
@@ -163,13 +175,6 @@ def test_chat_on_the_default_model(tmp_path: Path) -> None:
         assert not (stopped.choices[0].message.content or "").endswith(text[-2:])
 
 
-def metric(base: str, name: str) -> float:
-    for line in httpx.get(f"{base}/metrics").text.splitlines():
-        if line.startswith(f"kvserve:{name}"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no metric {name}")
-
-
 def test_metrics_use_vllm_names_and_kv_usage_returns_to_zero(tiny_server: str) -> None:
     client(tiny_server).completions.create(model=TINY_NAME, prompt=[2] * 40, max_tokens=3)
     text = httpx.get(f"{tiny_server}/metrics").text
@@ -189,20 +194,12 @@ def test_hung_up_streams_are_aborted_and_free_their_blocks(tiny_server: str) -> 
         with httpx.stream("POST", f"{tiny_server}/v1/completions", json=body, timeout=60) as r:
             for _ in zip(range(3), r.iter_lines(), strict=False):
                 pass
-    deadline = time.monotonic() + 10
-    while metric(tiny_server, "kv_cache_usage_perc") > 0 and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert metric(tiny_server, "kv_cache_usage_perc") == 0.0
-    assert metric(tiny_server, "num_requests_running") == 0
+    wait_until_idle(tiny_server)
 
 
-def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> None:
-    # big enough that a 400-token request is still running when the next one arrives
-    model = make_tiny_checkpoint("llama", tmp_path, hidden_size=256, intermediate_size=1024,
-                                 num_hidden_layers=8, max_position_embeddings=512)  # fmt: skip
-    args = ["--model", str(model), "--max-model-len", "512", "--num-kv-blocks", "64",
-            "--api-key", "sesame", "--public-metrics", "--max-queue-len", "0",
-            "--max-num-seqs", "1", "--served-model-name", "tiny"]  # fmt: skip
+def test_api_key_public_metrics_and_a_clean_exit(tiny_llama: Path, tmp_path: Path) -> None:
+    args = ["--model", str(tiny_llama), "--max-model-len", "128", "--num-kv-blocks", "64",
+            "--api-key", "sesame", "--public-metrics", "--served-model-name", "tiny"]  # fmt: skip
     server = ServerProcess(args, tmp_path / "server.log")
     base = server.start()
     try:
@@ -210,90 +207,65 @@ def test_api_key_and_queue_limit(make_tiny_checkpoint: Any, tmp_path: Path) -> N
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
         api = openai.OpenAI(base_url=f"{base}/v1", api_key="sesame", max_retries=0)
         assert len(api.models.list().data) == 1
+        api.completions.create(
+            model="tiny", prompt=[1, 2], max_tokens=2, extra_body={"ignore_eos": True}
+        )
         assert httpx.get(f"{base}/health").status_code == 200  # no key needed
-        body = {"prompt": [4] * 10, "max_tokens": 400, "stream": True, "ignore_eos": True}
-        headers = {"authorization": "Bearer sesame"}
-        url = f"{base}/v1/completions"
-        with httpx.stream("POST", url, json=body, headers=headers, timeout=60) as first:
-            lines = first.iter_lines()  # keep it: dropping the iterator closes the stream
-            next(lines)  # running: it holds the only seat
-            second = httpx.post(url, json=body, headers=headers, timeout=60)  # would wait
-        assert second.status_code == 429
-        assert second.headers["retry-after"] == "1"
-        assert second.json()["error"]["type"] == "overloaded"
-        # the seat is free again once the server has seen the first client hang up
-        deadline, status = time.monotonic() + 10, 429
-        while status == 429 and time.monotonic() < deadline:
-            small = {"prompt": [1, 2], "max_tokens": 2}
-            status = httpx.post(url, json=small, headers=headers, timeout=60).status_code
-            time.sleep(0.05)
-        assert status == 200
-        # a non-streamed request whose client gives up is aborted, not run to the end
-        long = {"prompt": [4] * 10, "max_tokens": 400, "ignore_eos": True}
-        generated = metric(base, "generation_tokens_total")
-        start = time.monotonic()
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(url, json=long, headers=headers, timeout=0.5)
-        while metric(base, "num_requests_running") > 0 and time.monotonic() - start < 30:
-            time.sleep(0.05)
-        assert metric(base, "kv_cache_usage_perc") == 0.0
-        # aborted part way: it never produced its 400 tokens (a slower machine only helps)
-        assert metric(base, "generation_tokens_total") - generated < 400
+        assert metric(base, "generation_tokens_total") == 2  # nor for /metrics here
     finally:
         assert server.stop() == 0  # SIGTERM: clean exit
 
 
-def test_load_200_requests_32_at_once_a_third_cancelled(tiny_server: str) -> None:
-    """All uncancelled requests complete whole; afterwards no KV block is held."""
-    import asyncio
-
-    async def one(http: httpx.AsyncClient, index: int, seats: asyncio.Semaphore) -> str:
-        body = {"prompt": [3 + index % 50, 7, 11 + index % 13], "max_tokens": 12,
-                "ignore_eos": True, "temperature": 0.8, "seed": index, "stream": True,
-                "stream_options": {"include_usage": True}}  # fmt: skip
-        async with seats, http.stream("POST", "/v1/completions", json=body) as reply:
-            assert reply.status_code == 200
-            frames = []
-            async for line in reply.aiter_lines():
-                if not line:
-                    continue
-                frames.append(line)
-                if index % 3 == 0 and len(frames) == 2:
-                    return "cancelled"  # leaving the block hangs up mid-stream
-        assert frames[-1] == "data: [DONE]"
-        usage = json.loads(frames[-2].removeprefix("data: "))["usage"]
-        assert usage["completion_tokens"] == 12 and usage["prompt_tokens"] == 3
-        return "done"
-
-    async def load() -> list[str]:
-        seats = asyncio.Semaphore(32)
-        async with httpx.AsyncClient(base_url=tiny_server, timeout=120) as http:
-            return await asyncio.gather(*(one(http, i, seats) for i in range(200)))
-
-    results = asyncio.run(load())
-    assert results.count("done") == 133 and results.count("cancelled") == 67
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and (
-        metric(tiny_server, "kv_cache_usage_perc") > 0
-        or metric(tiny_server, "num_requests_running") > 0
-    ):
-        time.sleep(0.1)
-    assert metric(tiny_server, "kv_cache_usage_perc") == 0.0
-    assert metric(tiny_server, "num_requests_running") == 0
-    assert metric(tiny_server, "num_requests_waiting") == 0
-    assert httpx.get(f"{tiny_server}/health").status_code == 200
+class OneSeat(NamedTuple):
+    base: str
+    gate: StepGate
+    engine: AsyncEngine
 
 
-@pytest.mark.parametrize(
-    ("body", "param"),
-    [
-        ({"messages": []}, "messages"),
-        ({"messages": "hi"}, "messages"),
-        ({"messages": [{"content": "no role"}]}, "messages[0].role"),
-        ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n"),
-    ],
-)
-def test_bad_chat_requests_are_400(tiny_server: str, body: dict[str, Any], param: str) -> None:
-    reply = httpx.post(f"{tiny_server}/v1/chat/completions", json=body, timeout=30)
-    assert reply.status_code == 400, reply.text
-    assert reply.json()["error"]["param"] == param
+@pytest.fixture
+def one_seat(tiny_llama: Path) -> Iterator[OneSeat]:
+    """A server in this process with one seat (`max_num_seqs` 1, `--max-queue-len 0`) whose
+    engine steps only when the test allows it."""
+    engine = make_engine(str(tiny_llama), num_kv_blocks=64, max_num_seqs=1)
+    gate = StepGate(engine)
+    async_engine = AsyncEngine(engine)
+    with serve_in_thread(async_engine, limits=ServerLimits(max_queue_len=0)) as base:
+        try:
+            yield OneSeat(base, gate, async_engine)
+        finally:
+            gate.open()  # nothing waits on a held step while the server stops
+
+
+def test_a_full_server_answers_429_until_the_seat_is_free(one_seat: OneSeat) -> None:
+    base, gate, _ = one_seat
+    url = f"{base}/v1/completions"
+    long = {"prompt": [4] * 10, "max_tokens": 100, "stream": True, "ignore_eos": True}
+    first = send_post(port_of(base), "/v1/completions", long)
+    wait_for(lambda: metric(base, "num_requests_waiting") == 1, "the first request is queued")
+    # no step runs: the first request holds the only seat however fast the machine is
+    small = {"prompt": [1, 2], "max_tokens": 2}
+    second = httpx.post(url, json=small, timeout=60)
+    assert second.status_code == 429
+    assert second.headers["retry-after"] == "1"
+    assert second.json()["error"]["type"] == "overloaded"
+    first.close()  # hang up
+    gate.open()
+    # the seat is free again once the server has seen the first client hang up
+    wait_for(lambda: httpx.post(url, json=small, timeout=60).status_code == 200, "a free seat")
+    wait_until_idle(base)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_client_hangs_up_is_aborted(one_seat: OneSeat, stream: bool) -> None:
+    base, gate, engine = one_seat
+    long = {"prompt": [4] * 10, "max_tokens": 100, "ignore_eos": True, "stream": stream}
+    gate.allow(3)
+    client_socket = send_post(port_of(base), "/v1/completions", long)
+    wait_for(lambda: gate.num_steps == 3, "three steps of the request")
+    assert metric(base, "num_requests_running") == 1
+    client_socket.close()  # hang up while the engine waits to take its fourth step
+    wait_for(lambda: engine.num_unfinished == 0, "the server sees the hang-up")
+    gate.open()
+    wait_until_idle(base)  # aborted: no request left, every KV block free
+    # it stopped within a step of the hang-up, far short of its 100 tokens
+    assert metric(base, "generation_tokens_total") in (3, 4)

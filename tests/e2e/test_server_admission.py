@@ -1,73 +1,85 @@
-"""Admission at arrival and the connection bound, against a real `kvserve serve`:
-`--max-num-seqs 2 --max-queue-len 4` (6 seats), `--max-connections 100`."""
+"""Admission at arrival (`max_num_seqs` 2 + `--max-queue-len 4`: 6 seats) and the connection
+bound (`--max-connections 100`, against a real `kvserve serve`)."""
 
 from __future__ import annotations
 
 import asyncio
 import socket
-import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
 
 import httpx
 import pytest
 
 from kvserve.bench.server_process import ServerProcess
-from tests.server_helpers import assert_openai_error, metric, port_of, wait_until_idle
+from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.limits import ServerLimits
+from tests.helpers import make_engine
+from tests.server_helpers import (
+    StepGate,
+    assert_openai_error,
+    port_of,
+    serve_in_thread,
+    wait_until_idle,
+)
 
 MAX_QUEUE_LEN = 4
 MAX_CONNECTIONS = 100
 
 
 @pytest.fixture(scope="module")
-def server(make_tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("admission")
-    model = make_tiny_checkpoint("llama", root, max_position_embeddings=512)
-    args = ["--model", str(model), "--max-model-len", "512", "--num-kv-blocks", "256",
-            "--max-num-seqs", "2", "--max-queue-len", str(MAX_QUEUE_LEN),
+def server(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("admission") / "server.log"
+    args = ["--model", str(tiny_llama), "--max-model-len", "128", "--num-kv-blocks", "64",
             "--max-connections", str(MAX_CONNECTIONS), "--header-timeout", "120"]  # fmt: skip
-    with ServerProcess(args, root / "server.log") as process:
+    with ServerProcess(args, log) as process:
         yield process.base_url
 
 
-def test_a_burst_of_90_never_leaves_more_than_4_waiting(server: str) -> None:
-    samples: list[float] = []
-    done = threading.Event()
+def test_a_burst_of_90_takes_6_seats_and_the_rest_get_429(tiny_llama: Path) -> None:
+    """The burst arrives while no engine step may run (a server in this process, its steps
+    held), so exactly the 6 seats are taken however fast the machine is."""
+    engine = make_engine(str(tiny_llama), num_kv_blocks=64, max_num_seqs=2)
+    gate = StepGate(engine)
+    async_engine = AsyncEngine(engine)
+    limits = ServerLimits(max_queue_len=MAX_QUEUE_LEN)
 
-    def sample() -> None:
-        while not done.is_set():
-            samples.append(metric(server, "num_requests_waiting"))
-            time.sleep(0.01)
+    def held() -> tuple[int, int]:
+        metrics = async_engine.get_metrics()
+        return metrics.num_requests_running, metrics.num_requests_waiting
 
     async def one(http: httpx.AsyncClient, index: int) -> httpx.Response:
-        # 400 tokens each: the first seats are still taken while the burst arrives
-        body = {"prompt": [3 + index % 50, 7], "max_tokens": 400, "ignore_eos": True}
+        body = {"prompt": [3 + index % 50, 7], "max_tokens": 20, "ignore_eos": True}
         return await http.post("/v1/completions", json=body)
 
-    async def burst() -> list[httpx.Response]:
+    async def burst(base: str) -> list[httpx.Response]:
         limits = httpx.Limits(max_connections=90)
-        async with httpx.AsyncClient(base_url=server, timeout=300, limits=limits) as http:
-            return await asyncio.gather(*(one(http, i) for i in range(90)))
+        async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as http:
+            replies = [asyncio.ensure_future(one(http, i)) for i in range(90)]
+            while sum(reply.done() for reply in replies) < 84 or held() != (0, 6):
+                await asyncio.sleep(0.02)  # bounded by the test's timeout: nothing can finish
+            assert sum(reply.done() for reply in replies) == 84
+            gate.allow(1)  # one step: 2 run, 4 wait
+            while held() != (2, 4):
+                await asyncio.sleep(0.02)
+            gate.open()
+            return await asyncio.gather(*replies)
 
-    sampler = threading.Thread(target=sample)
-    sampler.start()
     try:
-        replies = asyncio.run(burst())
+        with serve_in_thread(async_engine, limits=limits) as base:
+            replies = asyncio.run(asyncio.wait_for(burst(base), timeout=300))
+            wait_until_idle(base)
     finally:
-        done.set()
-        sampler.join()
+        gate.open()
     completed = [r for r in replies if r.status_code == 200]
     rejected = [r for r in replies if r.status_code == 429]
-    assert len(completed) + len(rejected) == 90, {r.status_code for r in replies}
-    assert completed and rejected  # 6 seats; 90 requests of 400 tokens arrive together
+    assert (len(completed), len(rejected)) == (6, 84), {r.status_code for r in replies}
     for reply in completed:
-        assert reply.json()["usage"]["completion_tokens"] == 400
+        assert reply.json()["usage"]["completion_tokens"] == 20
     for reply in rejected:
         assert assert_openai_error(reply)["type"] == "overloaded"
         assert reply.headers["retry-after"] == "1"
-    assert samples and max(samples) <= MAX_QUEUE_LEN, max(samples)
-    wait_until_idle(server)
 
 
 def test_the_connection_bound_answers_503(server: str) -> None:

@@ -1,14 +1,18 @@
 """Engine arguments: one frozen dataclass, validated on construction, no I/O.
 
-CLI flags are generated from these fields (see `kvserve.cli`), vLLM spelling: the field
-`max_num_seqs` is the flag `--max-num-seqs`.
+CLI flags are generated from these fields (`EngineConfig.add_cli_args`), vLLM spelling: the
+field `max_num_seqs` is the flag `--max-num-seqs`; `EngineConfig.from_cli_args` reads them
+back. Every command that builds an engine uses the pair, so every engine argument is a flag.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import types
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 CacheMode = Literal["paged", "contiguous", "none"]
 CACHE_MODES: tuple[str, ...] = ("paged", "contiguous", "none")
@@ -111,6 +115,54 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        """One flag per field, in an "engine" group: `max_num_seqs` -> `--max-num-seqs`.
+
+        Every flag defaults to None, so `from_cli_args` can tell a given flag from an absent
+        one; booleans get `--flag` / `--no-flag`, tuples comma-separated integers.
+        """
+        group = parser.add_argument_group("engine")
+        hints = get_type_hints(cls)
+        for item in dataclasses.fields(cls):
+            flag = "--" + item.name.replace("_", "-")
+            kind = _flag_type(hints[item.name])
+            help_text = item.metadata.get("help", "")
+            if kind is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(flag, type=kind, help=f"{help_text} (default: {item.default})")
+
+    @classmethod
+    def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
+        """The config of the flags `add_cli_args` made; only flags given override defaults.
+
+        Raises:
+            ValueError: a flag's value is invalid (names the field).
+        """
+        given = {
+            item.name: getattr(args, item.name)
+            for item in dataclasses.fields(cls)
+            if getattr(args, item.name, None) is not None
+        }
+        return cls(**given)
+
+
+def _flag_type(annotation: Any) -> Callable[[str], Any]:
+    """The argparse `type` of a field: `int | None` -> int, `tuple[int, ...]` -> int list."""
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    if get_origin(annotation) is tuple:
+        return _int_tuple
+    return annotation  # type: ignore[no-any-return]
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers: {text!r}") from error
 
 
 def _require_positive(name: str, value: int | None) -> None:

@@ -28,8 +28,9 @@ import time
 from pathlib import Path
 
 from kvserve.bench.perplexity import default_text
+
 from kvserve.bench.server_process import ServerProcess
-from kvserve.model.default import resolve_default_model
+from kvserve.default_model import resolve_default_model
 
 ROOT = Path(__file__).resolve().parent.parent
 LMEVAL_VENV = ROOT / ".venv-lmeval"

@@ -19,18 +19,17 @@ import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
 from kvserve.bench import plots
 from kvserve.bench import workloads as wl
+from kvserve.config import EngineConfig
+from kvserve.utils.load_monitor import LoadMonitor
 
 Record = dict[str, Any]
 
 
-def add_subcommands(
-    commands: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]
-) -> list[argparse.ArgumentParser]:
+def add_subcommands(commands: Any) -> list[argparse.ArgumentParser]:
     prefix = commands.add_parser("prefix", help="prefix caching on vs off: shared prompt, chat")
     prefix.add_argument("--num-requests", type=int, default=32)
     prefix.add_argument("--system-len", type=int, default=1024)
@@ -55,15 +54,14 @@ def add_subcommands(
         parser.add_argument("--plot", default=None, help="PNG path (memory: prefix of 2 PNGs)")
         parser.add_argument("--output-json", default=None, help="write the run's JSON record")
         parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
-        add_engine_args(parser)
+        EngineConfig.add_cli_args(parser)
     return [prefix, memory]
 
 
 def _llm(args: argparse.Namespace, **overrides: Any) -> Any:
-    from kvserve.cli import engine_config_from_args
     from kvserve.llm import LLM
 
-    config = engine_config_from_args(args).replace(**overrides)
+    config = EngineConfig.from_cli_args(args).replace(**overrides)
     return LLM(**dataclasses.asdict(config))
 
 
@@ -82,7 +80,7 @@ def _warm(llm: Any, vocab: tuple[int, frozenset[int]]) -> None:
 # ---- prefix -------------------------------------------------------------------------------
 
 
-def run_prefix(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+def run_prefix(args: argparse.Namespace, monitor: LoadMonitor) -> Record:
     llms = {caching: _llm(args, enable_prefix_caching=caching) for caching in (True, False)}
     vocab = wl.token_space(llms[True])
     for llm in llms.values():  # first calls pay one-time costs; keep them out of the timings
@@ -172,9 +170,7 @@ def multi_turn(
     return {"turns": turns}
 
 
-def _check_load(
-    args: argparse.Namespace, monitor: wl.LoadMonitor, results: Record, when: str
-) -> None:
+def _check_load(args: argparse.Namespace, monitor: LoadMonitor, results: Record, when: str) -> None:
     sample = monitor.wait_idle(args.wait_idle)
     results.setdefault("load_warnings", [])
     if sample.warning:
@@ -185,7 +181,7 @@ def _check_load(
 # ---- memory -------------------------------------------------------------------------------
 
 
-def run_memory(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+def run_memory(args: argparse.Namespace, monitor: LoadMonitor) -> Record:
     seed = args.seed if args.seed is not None else 0
     in_min, in_max = _range(args.input_len_range, "input_len_range")
     out_min, out_max = _range(args.output_len_range, "output_len_range")

@@ -2,7 +2,7 @@
 
 For every dtype of `--kv-cache-dtypes`, one engine (all other flags alike) reports:
 - KV bytes per token as allocated (data + scales) next to the formula's;
-- perplexity through the paged cache (`kvserve eval ppl`'s method, same text and windows),
+- perplexity through the engine (`kvserve eval ppl`'s method, same text and windows),
   and top-1 agreement with the first dtype: the share of positions where both predict the
   same next token, teacher-forced (both read the true text, so one miss does not derail);
 - decode tokens/s at batch 1 and batch 16 (`--batch-sizes`): decode-only steps timed after
@@ -17,27 +17,22 @@ import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
 from typing import Any
 
-from kvserve.bench import plots
 from kvserve.bench import workloads as wl
-from kvserve.bench.perplexity import (
-    PplConfig,
-    default_text,
-    perplexity,
-    read_text,
-    top1_agreement,
-)
+from kvserve.bench.offline import measured_kv_bytes
+from kvserve.config import EngineConfig
+from kvserve.eval.perplexity import PplConfig, perplexity, top1_agreement
+from kvserve.eval.text import default_text, read_text
 from kvserve.sampling_params import SamplingParams
+from kvserve.utils.load_monitor import LoadMonitor
+from kvserve.utils.plotting import print_table, pyplot
 
 Record = dict[str, Any]
 DEFAULT_DTYPES = "auto,float16,bfloat16,fp8_e4m3,int8"
 
 
-def add_subcommand(
-    commands: Any, add_engine_args: Callable[[argparse.ArgumentParser], None]
-) -> None:
+def add_subcommand(commands: Any) -> None:
     parser = commands.add_parser(
         "kv-dtype", help="perplexity, bytes/token, decode speed per KV dtype"
     )
@@ -48,34 +43,30 @@ def add_subcommand(
     parser.add_argument("--num-rounds", type=int, default=3)
     parser.add_argument("--text-file", default=None, help="perplexity text (default: Genesis)")
     parser.add_argument("--window-len", type=int, default=512)
-    parser.add_argument("--prefill-len", type=int, default=256)
-    parser.add_argument("--chunk-len", type=int, default=128)
     parser.add_argument("--num-windows", type=int, default=16)
     parser.add_argument("--skip-ppl", action="store_true", help="speed and bytes only")
     parser.add_argument("--plot", default=None, help="PNG of perplexity against bytes/token")
     parser.add_argument("--output-json", default=None, help="write the run's JSON record")
     parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
-    add_engine_args(parser)
+    EngineConfig.add_cli_args(parser)
 
 
-def run(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
-    from kvserve.bench.offline import kv_bytes_per_token
-    from kvserve.cli import engine_config_from_args
+def run(args: argparse.Namespace, monitor: LoadMonitor) -> Record:
     from kvserve.llm import LLM
 
     dtypes = [d.strip() for d in args.kv_cache_dtypes.split(",") if d.strip()]
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not dtypes or not batch_sizes or min(batch_sizes) <= 0:
         raise ValueError("kv_cache_dtypes / batch_sizes: give at least one each, sizes > 0")
-    base = engine_config_from_args(args)
+    base = EngineConfig.from_cli_args(args)
     llms = {d: LLM(**dataclasses.asdict(base.replace(kv_cache_dtype=d))) for d in dtypes}
     rows: dict[str, Record] = {
-        d: {"kv_cache_dtype": d, **kv_bytes_per_token(llm)} for d, llm in llms.items()
+        d: {"kv_cache_dtype": d, **measured_kv_bytes(llm)} for d, llm in llms.items()
     }
     if not args.skip_ppl:
         config = PplConfig(
-            window_len=args.window_len, prefill_len=args.prefill_len, chunk_len=args.chunk_len,
-            num_windows=args.num_windows, batch_size=min(16, args.num_windows),
+            window_len=args.window_len, num_windows=args.num_windows,
+            batch_size=min(16, args.num_windows),
         )  # fmt: skip
         text = default_text() if args.text_file is None else read_text(args.text_file)
         tokenizer = next(iter(llms.values())).tokenizer
@@ -165,11 +156,11 @@ def print_rows(results: Record) -> None:
         for batch in batch_sizes:
             line += [row[f"decode_tok_s_b{batch}"], f"{row[f'decode_ratio_b{batch}']:.2f}x"]
         table.append(line)
-    plots.print_table(header, table)
+    print_table(header, table)
 
 
 def plot_ppl_vs_bytes(rows: list[Record], path: str) -> None:
-    plt = plots.pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, row in enumerate(rows):
         ax.plot(row["measured"], row["perplexity"], "o")

@@ -16,10 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
-import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,96 +23,25 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
-from kvserve.bench import cache_bench, kv_dtype_bench, plots, serve_bench
+from kvserve.bench import plots
 from kvserve.bench import workloads as wl
-from kvserve.kv import sizing
-from kvserve.kv.planner import kv_scale_bytes_per_token
+from kvserve.bench.record import machine_info
+from kvserve.config import EngineConfig
+from kvserve.kv.sizing import KV_DTYPE_BYTES, kv_bytes_per_token, kv_dtype_name
+from kvserve.utils.load_monitor import LoadMonitor
 
 Record = dict[str, Any]
 DecodeFn = Callable[[Sequence[int], int], tuple[wl.DecodeTiming, list[int]]]
 
 
-def add_subcommands(
-    bench_parser: argparse.ArgumentParser,
-    add_engine_args: Callable[[argparse.ArgumentParser], None],
-) -> None:
-    """`bench latency` and `bench throughput`, each with every engine flag."""
-    commands = bench_parser.add_subparsers(dest="bench_command", required=True)
-    lat = commands.add_parser("latency", help="batch-1 decode speed and the no-cache baseline")
-    lat.add_argument("--input-len", type=int, default=128)
-    lat.add_argument("--output-len", type=int, default=256)
-    lat.add_argument("--num-iters", type=int, default=3)
-    lat.add_argument("--warmup", type=int, default=1, help="untimed runs before measuring")
-    lat.add_argument("--no-cache-lens", default="128,512,1024", help="prompt lengths; '' skips")
-    lat.add_argument("--no-cache-output-len", type=int, default=32)
-    lat.add_argument("--no-cache-iters", type=int, default=1)
-    lat.add_argument("--plot", default=None, help="PNG of tok/s vs prompt length, cache vs none")
-    thr = commands.add_parser("throughput", help="many random prompts at once (--seed fixes them)")
-    thr.add_argument("--num-prompts", type=int, default=64)
-    thr.add_argument("--min-input-len", type=int, default=32)
-    thr.add_argument("--max-input-len", type=int, default=512)
-    thr.add_argument("--output-len", type=int, default=128)
-    thr.add_argument("--num-iters", type=int, default=3)
-    thr.add_argument("--warmup", type=int, default=1, help="small untimed batches first")
-    thr.add_argument("--hf-batch-size", type=int, default=16)
-    thr.add_argument("--hf-num-iters", type=int, default=1, help="transformers iterations")
-    for parser in (lat, thr):
-        parser.add_argument("--compare-transformers", action="store_true")
-        parser.add_argument("--output-json", default=None, help="write the run's JSON record")
-        parser.add_argument("--wait-idle", type=float, default=0.0, help="max s to wait for idle")
-        add_engine_args(parser)
-    cache_bench.add_subcommands(commands, add_engine_args)
-    serve_bench.add_subcommand(commands)
-    kv_dtype_bench.add_subcommand(commands, add_engine_args)
-
-
-def main(args: argparse.Namespace) -> int:
-    monitor = wl.LoadMonitor()  # first, so it can tell our own load from others'
-    runs = {
-        "latency": run_latency,
-        "throughput": run_throughput,
-        "prefix": cache_bench.run_prefix,
-        "memory": cache_bench.run_memory,
-        "serve": serve_bench.main,
-        "kv-dtype": kv_dtype_bench.run,
-    }
-    record = runs[args.bench_command](args, monitor)
-    if "benchmark" not in record:  # prefix, memory, serve: results only
-        record = {
-            "benchmark": args.bench_command,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": {k: v for k, v in vars(args).items() if not callable(v)},
-            "machine": machine_info(),
-            "results": record,
-        }
-    if args.output_json:
-        with open(args.output_json, "w", encoding="utf-8") as f:
-            json.dump(_finite(record), f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.output_json}")
-    return 0
-
-
-def _finite(value: Any) -> Any:
-    """`value` with inf and nan floats written as strings: strict JSON has neither."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
 class _Bench:
     """One run's engine, optional transformers model, prompt source and load log."""
 
-    def __init__(self, args: argparse.Namespace, monitor: wl.LoadMonitor) -> None:
-        from kvserve.cli import engine_config_from_args
+    def __init__(self, args: argparse.Namespace, monitor: LoadMonitor) -> None:
         from kvserve.llm import LLM
 
         self.args, self.monitor = args, monitor
-        self.config = engine_config_from_args(args)
+        self.config = EngineConfig.from_cli_args(args)
         self.llm = LLM(**dataclasses.asdict(self.config))
         self.hf_model: Any = None
         if args.compare_transformers:
@@ -162,7 +87,7 @@ class _Bench:
 # ---- latency ------------------------------------------------------------------------------
 
 
-def run_latency(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+def run_latency(args: argparse.Namespace, monitor: LoadMonitor) -> Record:
     bench = _Bench(args, monitor)
     systems: dict[str, DecodeFn] = {"kvserve": partial(time_kvserve_decode, bench.llm)}
     if bench.hf_model is not None:
@@ -184,7 +109,7 @@ def run_latency(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
         results["ratio_decode_tok_s"] = ratio / results["transformers"]["median_decode_tok_s"]
         first_ids = [token_ids for _, token_ids in (runs["kvserve"][0], runs["transformers"][0])]
         results["greedy_tokens_agree"] = wl.agreeing_prefix(*first_ids)
-    results["kv_bytes_per_token"] = kv_bytes_per_token(bench.llm)
+    results["kv_bytes_per_token"] = measured_kv_bytes(bench.llm)
     plots.print_latency(args, results)
     lengths = [int(v) for v in args.no_cache_lens.split(",") if v.strip()]
     if lengths:
@@ -248,42 +173,35 @@ def time_kvserve_decode(
     return wl.decode_timing(start, token_times), list(token_ids)
 
 
-def kv_bytes_per_token(llm: Any) -> Record:
+def measured_kv_bytes(llm: Any) -> Record:
     """KV bytes per token as allocated (tensor bytes, scales included, / slots) and by the
-    seeds' formula plus the planner's scale bytes (kv/planner.py)."""
-    model_config = llm.engine.model_config
+    formula the engine sizes its pool with (`kv/sizing.py`)."""
+    model_config, config = llm.engine.model_config, llm.engine.config
     caches = llm.engine.model_runner.kv_caches or []
     if not caches:
         return {"measured": 0.0, "formula": 0, "dtype_bytes": 0}
     num_slots = caches[0].k.shape[0] * caches[0].k.shape[1]  # blocks x block size
     allocated = sum(t.nbytes for layer in caches for t in layer if t is not None)
     layers, kv_heads = model_config.num_hidden_layers, model_config.num_key_value_heads
-    kv_cache_dtype = llm.engine.config.kv_cache_dtype
-    head_dim, block_size = model_config.head_dim, llm.engine.config.block_size
-    dtype_bytes = (
-        caches[0].k.element_size()  # auto: the model's dtype
-        if kv_cache_dtype == "auto"
-        else sizing.KV_DTYPE_BYTES[kv_cache_dtype]  # int4: half a byte
-    )
-    data = sizing.kv_bytes_per_token(layers, kv_heads, head_dim, dtype_bytes)
-    scales = kv_scale_bytes_per_token(kv_cache_dtype, layers, kv_heads, head_dim, block_size)
+    head_dim, kv_dtype = model_config.head_dim, kv_dtype_name(config.kv_cache_dtype, config.dtype)
+    formula = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype, config.block_size)
     return {
         "measured": allocated / num_slots,
-        "formula": data + scales,
-        "data_bytes": data,
-        "scale_bytes": scales,
-        "kv_cache_dtype": kv_cache_dtype,
+        "formula": formula.total,
+        "data_bytes": formula.data,
+        "scale_bytes": formula.scales,
+        "kv_cache_dtype": config.kv_cache_dtype,
         "num_layers": layers,
         "num_kv_heads": kv_heads,
         "head_dim": head_dim,
-        "dtype_bytes": dtype_bytes,
+        "dtype_bytes": KV_DTYPE_BYTES[kv_dtype],  # int4: half a byte
     }
 
 
 # ---- throughput ---------------------------------------------------------------------------
 
 
-def run_throughput(args: argparse.Namespace, monitor: wl.LoadMonitor) -> Record:
+def run_throughput(args: argparse.Namespace, monitor: LoadMonitor) -> Record:
     bench = _Bench(args, monitor)
     lengths = wl.prompt_lengths(
         args.num_prompts, args.min_input_len, args.max_input_len, bench.seed
@@ -329,25 +247,3 @@ def _time_systems(
         )
         metrics["transformers"]["num_padded_prompt_tokens"] = hf.num_padded_prompt_tokens
     return metrics
-
-
-# ---- reporting ----------------------------------------------------------------------------
-
-
-def machine_info() -> Record:
-    import torch
-    import transformers
-
-    model_names = []
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            model_names = [line.split(":", 1)[1].strip() for line in f if "model name" in line]
-    return {
-        "cpu_count": os.cpu_count(),
-        "cpu_model": model_names[0] if model_names else platform.processor(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "python_version": platform.python_version(),
-        "platform": platform.platform(),
-    }

@@ -6,6 +6,8 @@ import argparse
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from kvserve.utils.plotting import print_table, pyplot
+
 Record = dict[str, Any]
 
 # (result key, legend label, matplotlib format) of each curve of the no-cache plot.
@@ -97,14 +99,6 @@ def print_throughput(args: argparse.Namespace, results: Record) -> None:
     print_table(header, [[name, *(r[k] for k in keys)] for name, r in systems.items()])
     if "ratio_output_throughput" in results:
         print(f"kvserve / transformers output tok/s: {results['ratio_output_throughput']:.2f}x")
-
-
-def print_table(header: list[str], rows: list[list[Any]]) -> None:
-    """Right-aligned columns; floats with two decimals."""
-    cells = [header] + [[f"{v:.2f}" if isinstance(v, float) else str(v) for v in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
 
 
 def torch_threads() -> int:
@@ -229,12 +223,3 @@ def plot_memory(results: Record, path: str) -> None:
     stem = path[:-4] if path.endswith(".png") else path
     fig.savefig(f"{stem}_decode.png", dpi=120)
     plt.close(fig)
-
-
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt

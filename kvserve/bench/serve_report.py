@@ -135,7 +135,7 @@ def print_run(label: str, metrics: dict[str, Any]) -> None:
 
 def print_comparison(runs: list[dict[str, Any]]) -> None:
     """Every run's metrics side by side, then each later run's ratio to the first."""
-    from kvserve.bench.plots import print_table
+    from kvserve.utils.plotting import print_table
 
     labels = [str(run["label"]) for run in runs]
     header = ["metric", *labels, *[f"{label} / {labels[0]}" for label in labels[1:]]]
@@ -157,7 +157,7 @@ def print_comparison(runs: list[dict[str, Any]]) -> None:
 
 def plot_runs(runs: list[dict[str, Any]], path: str) -> None:
     """Two panels: the CDF of TTFT and of ITL (per tag when there are several), per run."""
-    from kvserve.bench.plots import pyplot
+    from kvserve.utils.plotting import pyplot
 
     plt = pyplot()
     fig, (ax_ttft, ax_itl) = plt.subplots(1, 2, figsize=(11.0, 4.2))

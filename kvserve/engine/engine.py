@@ -27,8 +27,7 @@ from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
-from kvserve.kv.quant import element_bytes, scale_bytes_per_token_per_layer, storage_dtype
-from kvserve.kv.sizing import kv_bytes_per_token
+from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
@@ -238,32 +237,27 @@ class Engine:
         return config, num_blocks
 
     def _num_blocks(self, config: EngineConfig) -> int:
+        """Blocks of the KV pool: `num_kv_blocks`, else the byte budget over the bytes a
+        token takes (kv/sizing.py, scales included); 0 without a cache.
+
+        Raises:
+            ValueError: the pool cannot hold one request of `max_model_len`.
+        """
         if config.cache_mode == "none":
             logger.info("KV cache: none (every step recomputes the whole sequence)")
             return 0
-        dtype = storage_dtype(config.kv_cache_dtype, self.model_runner.dtype)
-        layers, kv_heads = (
-            self.model_config.num_hidden_layers,
-            self.model_config.num_key_value_heads,
-        )
-        data_per_token = kv_bytes_per_token(
-            layers, kv_heads, self.model_config.head_dim, element_bytes(dtype)
-        )
-        scales_per_token = math.ceil(
-            layers
-            * scale_bytes_per_token_per_layer(
-                dtype, kv_heads, self.model_config.head_dim, config.block_size
-            )
-        )
-        per_token = data_per_token + scales_per_token
+        model = self.model_config
+        kv_dtype = kv_dtype_name(config.kv_cache_dtype, config.dtype)
+        per_token = kv_bytes_per_token(
+            model.num_hidden_layers, model.num_key_value_heads, model.head_dim, kv_dtype,
+            config.block_size,
+        )  # fmt: skip
         if config.num_kv_blocks is not None:
             num_blocks, field_name = config.num_kv_blocks, "num_kv_blocks"
         else:
             budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
-            num_blocks, field_name = (
-                budget // (per_token * config.block_size),
-                "kv_cache_memory_bytes",
-            )
+            num_blocks = num_blocks_for_bytes(budget, config.block_size, per_token.total)
+            field_name = "kv_cache_memory_bytes"
         assert config.max_model_len is not None
         needed = math.ceil(config.max_model_len / config.block_size) + 1
         if num_blocks < needed:
@@ -276,9 +270,8 @@ class Engine:
             "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token: %d K/V "
             "in %s + %d scales)",
             num_blocks, config.block_size, num_blocks * config.block_size,
-            num_blocks * config.block_size * per_token / 2**20, per_token, data_per_token,
-            str(dtype).removeprefix("torch.") if config.kv_cache_dtype == "auto"
-            else config.kv_cache_dtype, scales_per_token,
+            num_blocks * config.block_size * per_token.total / 2**20, per_token.total,
+            per_token.data, kv_dtype, per_token.scales,
         )  # fmt: skip
         return num_blocks
 
@@ -292,6 +285,6 @@ class Engine:
 def _resolve_model_path(model: str | None) -> str:
     if model is not None:
         return str(model)
-    from kvserve.model.default import resolve_default_model
+    from kvserve.default_model import resolve_default_model
 
     return resolve_default_model()

@@ -129,16 +129,6 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
         )
 
-    @torch.inference_mode()
-    def logits_for_all_tokens(self, scheduled: list[ScheduledRequest]) -> torch.Tensor:
-        """(num_tokens, vocab) logits of every scheduled token, not only the sampled ones:
-        scoring a text (kvserve eval ppl). Writes K/V like any step; samples nothing."""
-        inputs = self.prepare_inputs(scheduled)
-        hidden = self.model(
-            inputs.input_ids, inputs.positions, inputs.attn_metadata, self.kv_caches
-        )  # (num_tokens, hidden)
-        return self.model.compute_logits(hidden)  # (num_tokens, vocab)
-
     def _forward(
         self, inputs: StepInputs, is_decode: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor]:

@@ -1,9 +1,9 @@
 """`kvserve kv-size`: the seeds' KV formula with GQA, sliding windows and a memory budget.
 
-Pure arithmetic on a model's shape (no torch). Per token, all layers:
+Pure arithmetic on a model's shape (no torch), through kv/sizing.py. Per token, all layers:
 
     data    2 (K and V) x layers x kv_heads x head_dim x bytes per element
-    scales  what a quantized dtype stores beside the data (`kv_scale_bytes_per_token`)
+    scales  what a quantized dtype stores beside the data (`sizing.scale_bytes_per_token`)
 
 A layer with a sliding window of W keeps at most W tokens of a sequence, so a sequence of
 `seq_len` tokens holds `min(seq_len, W)` tokens in such a layer and `seq_len` in the others.
@@ -17,7 +17,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kvserve.kv.sizing import KV_DTYPE_BYTES
+from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, tokens_held
 
 GIB = 1 << 30
 # Bytes per weight element for the weights' dtype (`--weights-dtype`).
@@ -70,35 +70,6 @@ PRESETS: dict[str, ModelShape] = {
 }
 
 
-def kv_scale_bytes_per_token(
-    kv_cache_dtype: str, num_layers: int, num_kv_heads: int, head_dim: int, block_size: int = 16
-) -> int:
-    """Bytes of quantization scales per token, all layers, K and V (kv/quant.py's layout).
-
-    - int8: one float32 scale per token per KV head, for K and for V.
-    - int4 (KIVI-style, float16 scale and zero point per group): keys per channel, a group
-      being one channel of one block's `block_size` tokens (4 x head_dim / block_size bytes
-      a token); values per token in groups of 32 channels, or the whole head when it is
-      smaller (4 x head_dim / 32 bytes).
-    - fp8_e4m3: one scale per layer tensor, nothing per token.
-    """
-    if kv_cache_dtype == "int8":
-        return 2 * num_layers * num_kv_heads * 4
-    if kv_cache_dtype == "int4":
-        per_head = 4 * head_dim / block_size + 4 * head_dim / min(32, head_dim)
-        return math.ceil(num_layers * num_kv_heads * per_head)
-    return 0
-
-
-def kv_dtype_bytes(kv_cache_dtype: str, model_dtype: str) -> float:
-    """Bytes per stored element; `auto` is the model's dtype."""
-    dtype = model_dtype if kv_cache_dtype == "auto" else kv_cache_dtype
-    if dtype not in KV_DTYPE_BYTES:
-        choices = ", ".join(["auto", *KV_DTYPE_BYTES])
-        raise ValueError(f"kv_cache_dtype: must be one of {choices}; got {kv_cache_dtype!r}")
-    return KV_DTYPE_BYTES[dtype]
-
-
 @dataclass(frozen=True)
 class KVPlan:
     model: str
@@ -146,14 +117,12 @@ def plan_kv(
         raise ValueError(
             f"dtype: must be one of {', '.join(WEIGHT_DTYPE_BYTES)}; got {model_dtype!r}"
         )
-    element = kv_dtype_bytes(kv_cache_dtype, model_dtype)
+    kv_dtype = kv_dtype_name(kv_cache_dtype, model_dtype)
     layers, kv_heads, head_dim = shape.num_layers, shape.num_kv_heads, shape.head_dim
-    per_layer_data = 2 * kv_heads * head_dim * element  # bytes of one token in one layer
-    per_layer_scales = kv_scale_bytes_per_token(kv_cache_dtype, 1, kv_heads, head_dim, block_size)
-    held = [seq_len if w is None else min(seq_len, w) for w in shape.layer_windows]
-    seq_bytes = math.ceil(sum(h * (per_layer_data + per_layer_scales) for h in held))
-    data = math.ceil(layers * per_layer_data)
-    scales = kv_scale_bytes_per_token(kv_cache_dtype, layers, kv_heads, head_dim, block_size)
+    one_layer = kv_bytes_per_token(1, kv_heads, head_dim, kv_dtype, block_size).total
+    held = tokens_held(seq_len, shape.layer_windows)
+    seq_bytes = sum(held) * one_layer
+    data, scales = kv_bytes_per_token(layers, kv_heads, head_dim, kv_dtype, block_size)
     weights = math.ceil(shape.num_params * WEIGHT_DTYPE_BYTES[model_dtype])
     memory = free = max_tokens = max_seqs = None
     if memory_gb is not None:

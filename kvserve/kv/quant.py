@@ -25,8 +25,8 @@ slots (offsets up to the last one written; blocks fill in order). KIVI keeps the
 tokens in full precision instead; here they are requantized at most block_size times.
 
 A scale lives at the same (block, offset) as its token, so everything that moves blocks
-(copy-on-write, prefix sharing) moves scales with the same block ids. kv/planner.py counts
-the same bytes (`kv_scale_bytes_per_token`), and the engine sizes its pool with them.
+(copy-on-write, prefix sharing) moves scales with the same block ids. kv/sizing.py counts
+the same bytes (`scale_bytes_per_token`), and the engine sizes its pool with them.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from kvserve.kv.sizing import INT4_VALUE_GROUP
 
 INT8_MAX = 127
 FP8_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -50,7 +52,6 @@ QUANTIZED_DTYPES: dict[str, torch.dtype] = {
     "int4": torch.uint8,  # packed pairs
 }
 INT4_MAX = 15
-INT4_VALUE_GROUP = 32  # channels per value group (the whole head when head_dim is smaller)
 
 
 class LayerKV(NamedTuple):
@@ -74,27 +75,9 @@ def storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
     raise ValueError(f"kv_cache_dtype: must be one of {choices}; got {kv_cache_dtype!r}")
 
 
-def element_bytes(dtype: torch.dtype) -> float:
-    """Bytes one stored K or V element takes: int4 packs two in a byte."""
-    return 0.5 if dtype == torch.uint8 else dtype.itemsize
-
-
 def has_scales(dtype: torch.dtype) -> bool:
     """Whether a layer in this storage dtype keeps scales beside its blocks."""
     return dtype in (torch.int8, torch.uint8)
-
-
-def scale_bytes_per_token_per_layer(
-    dtype: torch.dtype, num_kv_heads: int, head_dim: int, block_size: int
-) -> float:
-    """Bytes of scales one token adds in one layer (K and V); int4 keys' are per block."""
-    if dtype == torch.int8:
-        return 2 * num_kv_heads * 4
-    if dtype == torch.uint8:
-        key = 2 * 2 * head_dim / block_size  # fp16 scale and zero per channel per block
-        value = 2 * 2 * head_dim / int4_value_group(head_dim)  # fp16 scale and zero a group
-        return num_kv_heads * (key + value)
-    return 0
 
 
 def allocate_layer(

@@ -13,6 +13,7 @@ from kvserve.trace.records import TRACE_BLOCK_TOKENS, TraceReader, TraceRecord
 
 
 def add_parser(sub: Any) -> None:
+    """`simulate` under the `trace` command's subparsers (built in kvserve/cli/main.py)."""
     p = sub.add_parser(
         "simulate",
         help="replay a trace through the engine's block pool: hit ratio per policy and capacity",
@@ -39,6 +40,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--output-json", default=None, help="also write the results here")
     p.add_argument("--plot", default=None, help="write the hit-ratio-vs-capacity PNG here")
     p.add_argument("--skip-bad-lines", action="store_true", help="skip and count them")
+    p.set_defaults(func=run)
 
 
 def parse_capacities(text: str) -> list[int | None]:

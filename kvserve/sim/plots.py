@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from kvserve.bench.plots import pyplot
+from kvserve.utils.plotting import pyplot
 
 _STYLES = {"lru": "o-", "fifo": "s--", "lfu": "^--", "belady": "k*-"}
 

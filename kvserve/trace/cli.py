@@ -1,4 +1,8 @@
-"""`kvserve trace stats|simulate FILE`: the CLI of kvserve/trace (simulate lives in kvserve/sim)."""
+"""`kvserve trace stats FILE`: arrivals, lengths, reuse, lifetimes and skew of a trace.
+
+The `trace` command itself is built in kvserve/cli/main.py, which adds this parser and
+`trace simulate` (kvserve/sim/cli.py) under it; kvserve/trace imports neither.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +11,21 @@ import json
 import os
 from typing import Any
 
-from kvserve.sim import cli as sim_cli
 from kvserve.trace.records import TraceReader
 from kvserve.trace.stats import collect, summarize
 
 
-def add_subcommands(commands: Any) -> None:
-    trace = commands.add_parser("trace", help="analyze request traces (Mooncake format)")
-    sub = trace.add_subparsers(dest="trace_command", required=True)
+def add_parser(sub: Any) -> None:
+    """`stats` under the `trace` command's subparsers."""
     stats = sub.add_parser("stats", help="arrivals, lengths, reuse, lifetimes, skew")
     stats.add_argument("file", help="a .jsonl trace")
     stats.add_argument("--json", action="store_true", help="print the summary as JSON")
     stats.add_argument("--plot-dir", default=None, help="write PNG plots here")
     stats.add_argument("--skip-bad-lines", action="store_true", help="skip and count them")
-    sim_cli.add_parser(sub)
-    trace.set_defaults(func=run)
+    stats.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.trace_command == "simulate":
-        return sim_cli.run(args)
     from tqdm import tqdm
 
     reader = TraceReader(args.file, skip_bad_lines=args.skip_bad_lines)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 
-from kvserve.bench.plots import pyplot
 from kvserve.trace.stats import RATE_BIN_S, TraceStats
+from kvserve.utils.plotting import pyplot
 
 
 def plot_stats(stats: TraceStats, folder: str) -> list[str]:

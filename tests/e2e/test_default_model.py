@@ -106,8 +106,7 @@ def test_eval_ppl_and_bench_kv_dtype_on_a_real_model(tmp_path: Path) -> None:
 
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
-    window = ["--text-file", str(text), "--window-len", "96", "--prefill-len", "48",
-              "--chunk-len", "16", "--num-windows", "2"]  # fmt: skip
+    window = ["--text-file", str(text), "--window-len", "96", "--num-windows", "2"]
     out = tmp_path / "ppl.json"
     assert main(["eval", "ppl", *window, "--output-json", str(out), "--max-model-len", "256"]) == 0
     result = json.loads(out.read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kvserve.bench.server_process import ServerProcess
-from kvserve.model.default import resolve_default_model
+from kvserve.default_model import resolve_default_model
 
 pytestmark = pytest.mark.slow
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import transformers
 
-from kvserve.bench.perplexity import PplConfig, perplexity, top1_agreement
+from kvserve.eval.perplexity import PplConfig, perplexity, top1_agreement
 from kvserve.llm import LLM
 from tests.helpers import assert_no_blocks_held, random_prompts
 
-WINDOW = PplConfig(window_len=48, prefill_len=20, chunk_len=8, num_windows=4, batch_size=3)
+WINDOW = PplConfig(window_len=48, num_windows=4, batch_size=3)
 
 
 def _tokens(count: int) -> list[int]:
@@ -40,7 +40,9 @@ def test_auto_perplexity_through_chunks_and_decodes_equals_transformers(
 ) -> None:
     path = tiny_checkpoints["llama"]
     tokens = _tokens(WINDOW.window_len * WINDOW.num_windows + 5)
-    llm = LLM(str(path), num_kv_blocks=64, block_size=4, max_model_len=128)
+    # A budget of 8 tokens a step: every window is scored through many prefill chunks.
+    llm = LLM(str(path), num_kv_blocks=64, block_size=4, max_model_len=128,
+              max_num_batched_tokens=8)  # fmt: skip
     result = perplexity(llm, tokens, WINDOW)
     assert result["num_scored_tokens"] == WINDOW.num_windows * (WINDOW.window_len - 1)
     assert result["mean_nll"] == pytest.approx(_hf_mean_nll(path, tokens, WINDOW), abs=1e-4)

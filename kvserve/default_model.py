@@ -8,6 +8,11 @@ use converts it once into an HF folder in the user's cache and later uses load t
         kvserve-complete.json   (written last; the folder is renamed into place atomically)
 
 <cache> is $KVSERVE_CACHE_DIR, else $XDG_CACHE_HOME, else ~/.cache.
+
+The engine resolves `model=None` here, before its model runner loads the folder. Only the
+conversion reads model code (`kvserve.model.gguf`, imported when a conversion runs): the one
+import of `kvserve.model` outside the model runner besides `kvserve.model_shape`
+(pyproject.toml's import contract lists both).
 """
 
 from __future__ import annotations

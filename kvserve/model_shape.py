@@ -1,4 +1,11 @@
-"""A local model's `ModelShape` for KV sizing: its config and parameter count, no weights read."""
+"""A local model's `ModelShape` for `kvserve kv-size`: its config and parameter count, no
+weights read.
+
+It reads checkpoint files with the model package's readers (`ModelConfig.from_hf_config`, the
+GGUF header reader, the safetensors file list) and builds no model: besides
+`kvserve.default_model`, the one import of `kvserve.model` outside the model runner
+(pyproject.toml's import contract lists both).
+"""
 
 from __future__ import annotations
 

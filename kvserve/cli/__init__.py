@@ -1,0 +1,14 @@
+"""`kvserve` command line: generate | chat | serve | kv-size | eval | trace | bench.
+
+    main.py      the parser and `main` (the console script `kvserve`, `python -m kvserve`)
+    generate.py  generate and chat: sampling flags, text streamed to stdout
+    serve.py     the OpenAI-compatible server
+    kv_size.py   the KV cache size and capacity planner
+
+Engine flags come from `EngineConfig.add_cli_args`; eval, trace and bench bring their own
+subcommands (kvserve/eval, kvserve/trace, kvserve/sim, kvserve/bench).
+"""
+
+from kvserve.cli.main import build_parser, main
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,47 @@
+"""`kvserve serve`: the OpenAI-compatible HTTP server over one engine."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from kvserve.config import EngineConfig
+from kvserve.server.limits import add_limit_args
+
+
+def add_subcommand(commands: Any) -> None:
+    serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None, help="default: the model's name")
+    serve.add_argument(
+        "--api-key", default=None, help="every path but /health needs 'Authorization: Bearer KEY'"
+    )
+    serve.add_argument(
+        "--public-metrics", action="store_true", help="/metrics without the API key (scrapers)"
+    )
+    add_limit_args(serve)
+    EngineConfig.add_cli_args(serve)
+    serve.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvserve.engine.engine import Engine
+    from kvserve.server.async_engine import AsyncEngine
+    from kvserve.server.launch import serve
+    from kvserve.server.limits import limits_from_args
+
+    limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
+    engine = Engine(EngineConfig.from_cli_args(args))
+    name = args.served_model_name or model_name(engine.model_path)
+    async_engine = AsyncEngine(engine)
+    serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)
+    return 0
+
+
+def model_name(model_path: str) -> str:
+    """A folder's or file's name, without `.gguf` (the default model: SmolLM2-135M-Instruct)."""
+    base = os.path.basename(os.path.normpath(model_path))
+    name = base.removesuffix(".gguf")
+    return name.rsplit("-Q", 1)[0] if "SmolLM2" in name else name

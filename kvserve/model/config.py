@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -117,11 +116,6 @@ class ModelConfig:
             fingerprint=_fingerprint(hf_config, weight_files),
             **fields,
         )
-
-    def kv_bytes_per_token(self, dtype_bytes: float) -> int:
-        """K and V bytes of one token, all layers: 2 x layers x kv_heads x head_dim x bytes."""
-        per_token = 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim
-        return math.ceil(per_token * dtype_bytes)
 
 
 def _architecture(hf_config: dict[str, Any]) -> str:

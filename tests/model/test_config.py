@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from kvserve.kv.sizing import kv_bytes_per_token
 from kvserve.model.config import ModelConfig
 
 LLAMA_V4 = {  # a transformers 4 config.json (SmolLM2-135M's shape)
@@ -38,8 +39,8 @@ def test_transformers4_llama_config() -> None:
     assert (config.rope_type, config.rope_scaling) == ("default", ())
     assert config.tie_word_embeddings and config.eos_token_ids == (2,)
     assert config.sliding_window is None and config.layer_sliding_windows == (None,) * 30
-    assert config.kv_bytes_per_token(2) == 2 * 30 * 3 * 64 * 2
-    assert config.kv_bytes_per_token(0.5) == 30 * 3 * 64
+    shape = (config.num_hidden_layers, config.num_key_value_heads, config.head_dim)
+    assert kv_bytes_per_token(*shape, "float16").total == 2 * 30 * 3 * 64 * 2
 
 
 def test_rope_scaling_spellings() -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import pytest
 
 from kvserve.utils import load_monitor as lm
 
@@ -23,8 +23,15 @@ def test_load_monitor_samples() -> None:
     assert sample.other_busy_cores is None or sample.other_busy_cores >= 0.0
 
 
-def test_wait_idle_gives_up_after_its_budget() -> None:
-    start = time.monotonic()
-    sample = lm.LoadMonitor().wait_idle(max_wait_s=0.0, seconds=0.01)
-    assert isinstance(sample, lm.LoadSample)
-    assert time.monotonic() - start < 5.0
+def test_wait_idle_gives_up_after_its_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A busy machine and no budget: one sample, returned with its warning (no wall clock)."""
+    busy = lm.LoadSample(loadavg_1m=9.0, own_load_1m=0.0, other_busy_cores=2.0, warning="busy")
+    calls: list[float] = []
+
+    def sample(self: lm.LoadMonitor, seconds: float = 1.0) -> lm.LoadSample:
+        calls.append(seconds)
+        return busy
+
+    monkeypatch.setattr(lm.LoadMonitor, "sample", sample)
+    assert lm.LoadMonitor().wait_idle(max_wait_s=0.0, seconds=0.01) is busy
+    assert calls == [0.01]

@@ -15,6 +15,7 @@ import time
 
 from kvserve import LLM, SamplingParams
 from kvserve.bench import workloads as wl
+from kvserve.model.attention import CppDecodeBackend, FusedDecodeBackend, TorchSDPABackend
 
 
 def main() -> None:
@@ -27,7 +28,11 @@ def main() -> None:
     parser.add_argument("--paths", default="cpp,fused,sdpa", help="of cpp, fused, sdpa")
     args = parser.parse_args()
     paths = args.paths.split(",")
-    flags = {"cpp": (True, True), "fused": (False, True), "sdpa": (False, False)}
+    backends = {
+        "cpp": CppDecodeBackend(),
+        "fused": FusedDecodeBackend(),
+        "sdpa": TorchSDPABackend(),
+    }
     llm = LLM(num_threads=args.num_threads, compile=True, compile_sizes=(args.batch,))
     engine = llm.engine
     vocab, exclude = wl.token_space(llm)
@@ -47,8 +52,7 @@ def main() -> None:
 
     def prepare_switched(scheduled):  # type: ignore[no-untyped-def]
         inputs = prepare(scheduled)
-        md = inputs.attn_metadata
-        md.decode_kernel, md.fused_decode = flags[current[0]]
+        inputs.attn_metadata.backend = backends[current[0]]
         return inputs
 
     runner.prepare_inputs = prepare_switched  # type: ignore[method-assign]

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from kvserve.kv.kv_cache import KVCaches
-from kvserve.model.attention import AttentionMetadata, attention_step
-from kvserve.model.fused_attention import fused_decode_attention, fused_reads
+from kvserve.model.attention import AttentionBackend, AttentionMetadata, attention_step
 from kvserve.model.layers import CausalLM
 
 logger = logging.getLogger("kvserve")
@@ -48,22 +47,23 @@ INDUCTOR_CONFIG: dict[str, Any] = {
 }
 
 
-FUSED_VARIANTS = 4  # shape classes `_warm_fused_attention` compiles
-
-
 class CompiledDecode:
-    """Compiled decode forward for a fixed set of padded batch sizes."""
+    """Compiled decode forward for a fixed set of padded batch sizes, whose decode attention
+    runs in `backend` (the runner's, chosen with compilation in mind)."""
 
-    def __init__(self, model: CausalLM, sizes: tuple[int, ...]) -> None:
+    def __init__(
+        self, model: CausalLM, sizes: tuple[int, ...], backend: AttentionBackend[Any]
+    ) -> None:
         # Kernels fix their thread count when compiled: set torch's threads before this.
         self.model = model
         self.sizes = tuple(sorted(sizes))
+        self.backend = backend
         dynamo_config: Any = torch._dynamo.config
         # Each engine adds its own entries to code objects shared by every engine of the
-        # process (the decode forward per bucket, the fused kernel per shape class and
+        # process (the decode forward per bucket, the backend's graphs per shape class and
         # cache format, the variable-length graph): raise the limit by that many, so a
         # second engine (`bench kv-dtype` builds one per dtype) does not fall back to eager.
-        dynamo_config.recompile_limit += len(sizes) + FUSED_VARIANTS + 1
+        dynamo_config.recompile_limit += len(sizes) + backend.compiled_variants + 1
         self._inductor_config = dict(INDUCTOR_CONFIG)
         self._forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._forward = torch.compile(_DecodeLogits(model), dynamic=False)
@@ -166,23 +166,11 @@ class CompiledDecode:
         with attention_step(plans, kv_caches):  # type: ignore[arg-type]
             return self._hidden(input_ids, positions)  # (num_tokens, hidden)
 
-    def warmup(
-        self, kv_caches: KVCaches, block_size: int, device: torch.device, decode_kernel: bool
-    ) -> None:
-        """Compile every bucket now (about a minute each), so no request waits for one.
-        `decode_kernel`: decode attention runs in the C++ kernel, so inductor's fused decode
-        attention is not built."""
+    def warmup(self, kv_caches: KVCaches, block_size: int, device: torch.device) -> None:
+        """Compile every bucket now (about a minute each), then what the attention backend
+        compiles, then the variable-length graph, so no request waits for one."""
         empty = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
-        md = AttentionMetadata(
-            query_start_loc=[0],
-            seq_lens=[],
-            num_decodes=0,
-            slot_mapping=empty,
-            block_tables=torch.zeros((0, 1), dtype=torch.long, device=device),  # (0, 1)
-            block_size=block_size,
-            fused_decode=True,
-            decode_kernel=decode_kernel,
-        )
+        md = self._metadata(0, block_size, device)
         for size in self.sizes:
             start = time.perf_counter()
             try:
@@ -197,24 +185,34 @@ class CompiledDecode:
                 self.run(empty, empty, md, kv_caches, bucket=size)
             logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
         self._measure_costs(empty, md, kv_caches)
-        if not decode_kernel:
-            start = time.perf_counter()
-            self._warm_fused_attention(kv_caches, device)
-            logger.info("compiled decode attention in %.1f s", time.perf_counter() - start)
+        start = time.perf_counter()
+        config = self.model.config
+        dtype = self.model.output_embedding().dtype
+        self.backend.warmup(config.num_attention_heads, config.head_dim, dtype, kv_caches[0])
+        logger.info(
+            "%s decode attention ready in %.1f s", self.backend.name, time.perf_counter() - start
+        )
         start = time.perf_counter()
         two = torch.zeros(2, dtype=torch.long, device=device)  # a 2-token prompt, null block
-        prefill = AttentionMetadata(
-            query_start_loc=[0, 2],
-            seq_lens=[2],
-            num_decodes=0,
-            slot_mapping=torch.zeros(2, dtype=torch.long, device=device),  # both in slot 0
-            block_tables=torch.zeros((1, -(-2 // block_size)), dtype=torch.long, device=device),
-            block_size=block_size,
-            fused_decode=True,
-            decode_kernel=decode_kernel,
-        )
-        self.run_hidden(two, two.clone(), prefill, kv_caches)
+        self.run_hidden(two, two.clone(), self._metadata(2, block_size, device), kv_caches)
         logger.info("compiled variable-length steps in %.1f s", time.perf_counter() - start)
+
+    def _metadata(
+        self, num_tokens: int, block_size: int, device: torch.device
+    ) -> AttentionMetadata:
+        """An empty step (0 tokens), or one prompt of `num_tokens` all in slot 0 of the null
+        block: what warmup runs."""
+        num_seqs = 1 if num_tokens else 0
+        num_blocks = max(1, -(-num_tokens // block_size))
+        return AttentionMetadata(
+            query_start_loc=[0, num_tokens] if num_seqs else [0],
+            seq_lens=[num_tokens] if num_seqs else [],
+            num_decodes=0,
+            slot_mapping=torch.zeros(num_tokens, dtype=torch.long, device=device),  # (T,)
+            block_tables=torch.zeros((num_seqs, num_blocks), dtype=torch.long, device=device),
+            block_size=block_size,
+            backend=self.backend,
+        )
 
     def _measure_costs(
         self, empty: torch.Tensor, md: AttentionMetadata, kv_caches: KVCaches
@@ -233,25 +231,6 @@ class CompiledDecode:
             "decode step ms per bucket: %s",
             ", ".join(f"{size}: {1000 * cost:.0f}" for size, cost in self._costs.items()),
         )
-
-    def _warm_fused_attention(self, kv_caches: KVCaches, device: torch.device) -> None:
-        """Compile the fused decode attention for each shape class it specializes on.
-
-        Dynamic shapes still specialize sizes 0 and 1: a group of one seq, or of seqs in one
-        block, is its own compiled variant. Built here on the null block, not at a request.
-        """
-        config = self.model.config
-        layer = kv_caches[0]
-        k_cache = layer.k
-        if not fused_reads(k_cache.dtype, k_cache.device):  # gather + SDPA: nothing to warm
-            return
-        dtype = self.model.output_embedding().dtype
-        for rows, blocks in ((1, 1), (1, 2), (2, 1), (2, 2)):
-            q = torch.zeros(rows, config.num_attention_heads, config.head_dim, dtype=dtype)
-            block_ids = torch.zeros((rows, blocks), dtype=torch.long, device=device)
-            mask = torch.ones((rows, blocks * k_cache.shape[1]), dtype=torch.bool, device=device)
-            scale = config.head_dim**-0.5  # the models' scale: a float is a guarded constant
-            fused_decode_attention(q.to(device), layer, block_ids, mask, scale)
 
 
 class _DecodeLogits(nn.Module):

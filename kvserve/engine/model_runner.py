@@ -9,7 +9,7 @@ One step's batch is flat: the scheduled requests' new tokens laid end to end (de
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,10 +18,14 @@ from kvserve.engine.kv_connector import KVConnector, NoKVConnector
 from kvserve.engine.prompt_logprobs import compute_prompt_logprobs
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
-from kvserve.kernels import decode_kernel_applies
 from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks
 from kvserve.kv.quant import storage_dtype
-from kvserve.model.attention import AttentionMetadata
+from kvserve.model.attention import (
+    AttentionBackend,
+    AttentionMetadata,
+    TorchSDPABackend,
+    select_attention_backend,
+)
 from kvserve.model.config import ModelConfig
 from kvserve.model.loader import CausalLM, load_model
 
@@ -54,8 +58,9 @@ class ModelRunner:
         self.kv_caches: KVCaches | None = None
         self.block_size = 0
         self.compiled: CompiledDecode | None = None
-        self.decode_kernel = False  # decode attention in kvserve's C++ kernel (kernels/)
         self.connector = connector or NoKVConnector()
+        self.attention_backend: AttentionBackend[Any] = TorchSDPABackend()
+        self._requested_backend = "auto"  # --attention-backend, for compile_decode's choice
 
     def initialize_kv_cache(
         self, num_blocks: int, block_size: int, kv_cache_dtype: str, attention_backend: str
@@ -76,22 +81,32 @@ class ModelRunner:
             dtype=cache_dtype,
             device=self.device,
         )
-        self.decode_kernel = attention_backend == "auto" and decode_kernel_applies(
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-            cache_dtype,
-            self.device,
-            model_dtype=self.dtype,
-        )
+        self._requested_backend = attention_backend
+        self.attention_backend = self._select_attention_backend(compiled=False)
 
     @torch.inference_mode()
     def compile_decode(self, sizes: tuple[int, ...]) -> None:
         """Compile decode steps for these batch sizes now (see compiled_decode.py)."""
         if self.kv_caches is None:
             raise ValueError("compile: needs a KV cache (cache_mode paged or contiguous)")
-        self.compiled = CompiledDecode(self.model, sizes)
-        self.compiled.warmup(self.kv_caches, self.block_size, self.device, self.decode_kernel)
+        self.attention_backend = self._select_attention_backend(compiled=True)
+        self.compiled = CompiledDecode(self.model, sizes, self.attention_backend)
+        self.compiled.warmup(self.kv_caches, self.block_size, self.device)
+
+    def _select_attention_backend(self, compiled: bool) -> AttentionBackend[Any]:
+        """The decode attention for this model, cache and device (attention/selector.py)."""
+        assert self.kv_caches is not None
+        config = self.model_config
+        return select_attention_backend(
+            self._requested_backend,
+            compiled=compiled,
+            num_heads=config.num_attention_heads,
+            num_kv_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            cache_dtype=self.kv_caches[0].k.dtype,
+            model_dtype=self.dtype,
+            device=self.device,
+        )
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -171,8 +186,7 @@ class ModelRunner:
             slot_mapping=self._slot_mapping(scheduled),
             block_tables=self._block_tables(scheduled),
             block_size=self.block_size,
-            fused_decode=self.compiled is not None,
-            decode_kernel=self.decode_kernel,
+            backend=self.attention_backend,
         )
         return StepInputs(
             input_ids=self._tensor(input_ids),  # (num_tokens,)

@@ -48,7 +48,7 @@ class CausalLM(nn.Module):
 
         `attn_metadata=None` (with `kv_caches=None`) is the compiled form: every layer calls
         the opaque `kvserve::attention` op, which reads plans and caches from the enclosing
-        `attention_step` (see attention.py).
+        `attention_step` (see attention/op.py).
         """
         raise NotImplementedError
 

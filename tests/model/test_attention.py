@@ -7,13 +7,30 @@ import torch
 
 from kvserve.kv import quant
 from kvserve.model.attention import (
+    AttentionBackend,
     AttentionMetadata,
     causal_mask,
     paged_attention,
     plan_attention,
+    select_attention_backend,
 )
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE, NUM_BLOCKS = 4, 2, 8, 4, 16
+
+
+def _torch_backend(fused: bool, kv_dtype: torch.dtype) -> AttentionBackend:
+    """What a runner with `--attention-backend torch` gets, with `--compile` if `fused`: the
+    fused kernel where it reads this cache, else gather + SDPA."""
+    return select_attention_backend(
+        "torch",
+        compiled=fused,
+        num_heads=NUM_HEADS,
+        num_kv_heads=NUM_KV_HEADS,
+        head_dim=HEAD_DIM,
+        cache_dtype=kv_dtype,
+        model_dtype=torch.float32,
+        device=torch.device("cpu"),
+    )
 
 
 def test_causal_mask_is_bottom_right_aligned() -> None:
@@ -74,7 +91,7 @@ def test_paged_attention_matches_reference(
         slot_mapping=torch.tensor(slots),
         block_tables=torch.tensor([t + [0] * (4 - len(t)) for t in tables]),
         block_size=BLOCK_SIZE,
-        fused_decode=fused,
+        backend=_torch_backend(fused, kv_dtype),
     )
     new_kv = torch.cat(
         [kv[c:] for kv, c in zip(context, num_cached, strict=True)]
@@ -164,10 +181,11 @@ def test_decodes_grouped_by_length_match_the_reference(window: int | None, fused
         ),  # fmt: skip
         block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
         block_size=BLOCK_SIZE,
-        fused_decode=fused,
+        backend=_torch_backend(fused, torch.float32),
     )
     plan = plan_attention(md, window, cached=True, device=torch.device("cpu"))
-    assert plan.decode is not None and len(plan.decode.groups) > 2
+    assert plan.backend.name == ("fused" if fused else "torch")
+    assert plan.num_decodes == len(seq_lens) and len(plan.decode) > 2
     q = torch.randn(len(seq_lens), NUM_HEADS, HEAD_DIM, generator=generator)
     new_kv = torch.stack([kv[-1] for kv in context])  # (num_decodes, 2, kv, d)
     out = paged_attention(q, new_kv[:, 0], new_kv[:, 1], kv_cache, plan, HEAD_DIM**-0.5)

@@ -8,7 +8,13 @@ import torch
 
 from kvserve import kernels
 from kvserve.kv import quant
-from kvserve.model.attention import AttentionMetadata, paged_attention, plan_attention
+from kvserve.model.attention import (
+    AttentionMetadata,
+    CppDecodeBackend,
+    TorchSDPABackend,
+    paged_attention,
+    plan_attention,
+)
 from tests.helpers import decode_kernel_expected
 
 CPU = torch.device("cpu")
@@ -189,7 +195,7 @@ def test_paged_attention_with_the_kernel_equals_sdpa(window: int | None) -> None
     ]
     width = max(counts)
     outputs = []
-    for decode_kernel in (False, True):
+    for backend in (TorchSDPABackend(), CppDecodeBackend()):
         md = AttentionMetadata(
             query_start_loc=[0, 1, 2, 3, 7, 12],
             seq_lens=seq_lens,
@@ -197,10 +203,10 @@ def test_paged_attention_with_the_kernel_equals_sdpa(window: int | None) -> None
             slot_mapping=torch.tensor(slots),
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables]),
             block_size=block_size,
-            decode_kernel=decode_kernel,
+            backend=backend,
         )
         plan = plan_attention(md, window, cached=True, device=CPU)
-        assert plan.decode is not None and (plan.decode.kernel is not None) == decode_kernel
+        assert plan.backend is backend and plan.num_decodes == 3
         q = torch.randn(12, heads, head_dim, generator=torch.Generator().manual_seed(1))
         k, v = torch.randn(2, 12, kv_heads, head_dim, generator=torch.Generator().manual_seed(2))
         outputs.append(paged_attention(q, k, v, layer, plan, head_dim**-0.5))

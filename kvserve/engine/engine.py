@@ -65,6 +65,7 @@ class Engine:
             self.config.block_size,
             self.config.kv_cache_dtype,
             self.config.attention_backend,
+            compiled=self.config.compile,
         )
         if self.config.compile:
             self.model_runner.compile_decode(self.config.compile_sizes)

@@ -60,12 +60,18 @@ class ModelRunner:
         self.compiled: CompiledDecode | None = None
         self.connector = connector or NoKVConnector()
         self.attention_backend: AttentionBackend[Any] = TorchSDPABackend()
-        self._requested_backend = "auto"  # --attention-backend, for compile_decode's choice
 
     def initialize_kv_cache(
-        self, num_blocks: int, block_size: int, kv_cache_dtype: str, attention_backend: str
+        self,
+        num_blocks: int,
+        block_size: int,
+        kv_cache_dtype: str,
+        attention_backend: str,
+        compiled: bool = False,
     ) -> None:
-        """Allocate the whole KV pool once; `num_blocks == 0` runs without a cache."""
+        """Allocate the whole KV pool once and choose the attention backend, once, for this
+        cache and `--attention-backend` (`compiled`: decode steps will be compiled, see
+        `compile_decode`). `num_blocks == 0` runs without a cache (and with SDPA)."""
         self.block_size = block_size
         if num_blocks == 0:
             self.kv_caches = None
@@ -81,32 +87,25 @@ class ModelRunner:
             dtype=cache_dtype,
             device=self.device,
         )
-        self._requested_backend = attention_backend
-        self.attention_backend = self._select_attention_backend(compiled=False)
-
-    @torch.inference_mode()
-    def compile_decode(self, sizes: tuple[int, ...]) -> None:
-        """Compile decode steps for these batch sizes now (see compiled_decode.py)."""
-        if self.kv_caches is None:
-            raise ValueError("compile: needs a KV cache (cache_mode paged or contiguous)")
-        self.attention_backend = self._select_attention_backend(compiled=True)
-        self.compiled = CompiledDecode(self.model, sizes, self.attention_backend)
-        self.compiled.warmup(self.kv_caches, self.block_size, self.device)
-
-    def _select_attention_backend(self, compiled: bool) -> AttentionBackend[Any]:
-        """The decode attention for this model, cache and device (attention/selector.py)."""
-        assert self.kv_caches is not None
-        config = self.model_config
-        return select_attention_backend(
-            self._requested_backend,
+        self.attention_backend = select_attention_backend(
+            attention_backend,
             compiled=compiled,
             num_heads=config.num_attention_heads,
             num_kv_heads=config.num_key_value_heads,
             head_dim=config.head_dim,
-            cache_dtype=self.kv_caches[0].k.dtype,
+            cache_dtype=cache_dtype,
             model_dtype=self.dtype,
             device=self.device,
         )
+
+    @torch.inference_mode()
+    def compile_decode(self, sizes: tuple[int, ...]) -> None:
+        """Compile decode steps for these batch sizes now (see compiled_decode.py), with the
+        backend `initialize_kv_cache(..., compiled=True)` chose."""
+        if self.kv_caches is None:
+            raise ValueError("compile: needs a KV cache (cache_mode paged or contiguous)")
+        self.compiled = CompiledDecode(self.model, sizes, self.attention_backend)
+        self.compiled.warmup(self.kv_caches, self.block_size, self.device)
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -14,7 +14,7 @@ again, so the free queue doubles as the LRU list of cached blocks: handing out p
 (least recently freed) and evicts its hash, freeing appends at the tail. Other orders of the
 free queue (FIFO, LFU, Belady's optimum for simulations) are in `eviction`.
 
-With `enable_kv_events`, the pool records a `BlockStored` when a block is registered, a
+With `enable_kv_events`, the pool records a `BlockStored` once a registered block is written, a
 `BlockRemoved` when a cached block is evicted and `AllBlocksCleared` on a reset, in order, for
 a listener to take (`take_events`); see `kv_events`.
 """
@@ -153,19 +153,26 @@ class BlockPool:
         """The block holding the prefix named by `block_hash`, if cached. No side effects."""
         return self._cached.get(block_hash)
 
-    def cache_full_blocks(self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes]) -> None:
+    def cache_full_blocks(
+        self, blocks: Sequence[KVBlock], block_hashes: Sequence[bytes]
+    ) -> list[KVBlock]:
         """Register full blocks under their hashes, pairwise: they may be hit from now on.
 
-        Call this only once the blocks' K/V are written (`KVCacheManager.commit_step`).
-        A block that already has a hash is skipped. If another block is already cached under
-        the same hash (two requests computed the same prefix at once), the first one stays in
-        the map and the new block stays unhashed: it is freed as a plain block later.
+        The K/V of a block registered while its step is being scheduled are written by that
+        step's forward before any attention of the step reads them (one flat batch), so a
+        request admitted later in the same step may hit it. A block that already has a hash
+        is skipped. If another block is already cached under the same hash, the first one
+        stays in the map and the new block stays unhashed: it is freed as a plain block later.
+
+        Returns:
+            The blocks newly registered, in order (`mark_stored` them once written).
 
         Raises:
             ValueError: the lengths differ, or the null block is passed.
         """
         if len(blocks) != len(block_hashes):
             raise ValueError(f"{len(blocks)} blocks but {len(block_hashes)} hashes")
+        registered: list[KVBlock] = []
         for block, block_hash in zip(blocks, block_hashes, strict=True):
             if block is self.null_block:
                 raise ValueError("the null block is never cached")
@@ -173,8 +180,25 @@ class BlockPool:
                 continue
             block.block_hash = block_hash
             self._cached[block_hash] = block
-            if self._events is not None:
-                self._events.append(BlockStored(block_hash, block.block_id))
+            registered.append(block)
+        return registered
+
+    def mark_stored(self, blocks: Sequence[KVBlock]) -> None:
+        """The registered blocks' K/V are now written: a `BlockStored` event for each block
+        that still carries its hash (a listener may read the block from now on)."""
+        if self._events is None:
+            return
+        for block in blocks:
+            if block.block_hash is not None and self._cached.get(block.block_hash) is block:
+                self._events.append(BlockStored(block.block_hash, block.block_id))
+
+    def uncache_blocks(self, blocks: Sequence[KVBlock]) -> None:
+        """Drop the hashes of registered blocks whose step never ran (no event: no listener
+        was told of them)."""
+        for block in blocks:
+            if block.block_hash is not None and self._cached.get(block.block_hash) is block:
+                del self._cached[block.block_hash]
+                block.block_hash = None
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only when no block is in use.

@@ -160,7 +160,10 @@ class KVCacheManager:
 
         Blocks are taken for positions < total, a shared block about to be written is copied
         (`take_block_copies`), blocks the sliding window dropped are freed, and the full
-        blocks the step writes are recorded for `commit_step` (and `take_blocks_to_save`).
+        blocks the step writes are registered in the prefix cache now (a request admitted
+        later in this step may hit them: the runner writes every scheduled token's K/V of a
+        layer before any attention of that layer reads) and announced by `commit_step`
+        (saved through `take_blocks_to_save`).
 
         Returns:
             The request's whole block table as ids, or None (and nothing changed) if not
@@ -210,8 +213,9 @@ class KVCacheManager:
         return [block.block_id for block in table]
 
     def commit_step(self) -> None:
-        """The scheduled step ran: its full blocks join the prefix cache (`BlockStored`
-        events); a hash already cached keeps its block (`BlockPool.cache_full_blocks`)."""
+        """The scheduled step ran: announce the full blocks it registered (`BlockStored`
+        events). They were hittable since `allocate_slots`; a listener learns of them only
+        now, once their K/V are written."""
         self.prefix_cache.commit_step()
 
     def take_blocks_to_load(self) -> list[BlockTransfer]:

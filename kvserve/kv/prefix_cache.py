@@ -1,14 +1,15 @@
-"""Prefix caching for `KVCacheManager`: hit lookup, the blocks a step writes, their commit.
+"""Prefix caching for `KVCacheManager`: hit lookup, the blocks a step writes, their events.
 
-A block becomes hittable only once its K/V are written. Scheduling a step records the full
-blocks it will fill (`record_step`); after the step ran, `commit_step` registers them in the
-pool's cached map (`BlockStored` events). So a request admitted in the same step as another
-with the same new prefix computes it too, and a hash a listener learns is always readable:
+A full block is registered in the pool's cached map when its step is scheduled
+(`record_step`), so a request admitted later in the same step may hit it: one flat forward
+writes every scheduled token's K/V of a layer before any attention of that layer reads. It is
+announced (`BlockStored`, and saved through the connector) only once the step has run
+(`commit_step`), so a hash a listener learns is always readable:
 
-    step N   schedule:  allocate -> record (block 7, h3)     h3 not hittable
-             execute:   forward writes block 7
-             update:    commit -> pool caches h3             BlockStored(h3, 7)
-    step N+1 schedule:  a request with prefix h3 hits block 7
+    step N   schedule:  allocate a -> register (block 7, h3)     a later request may hit h3
+             execute:   forward writes block 7, then saves it
+             update:    commit -> BlockStored(h3, 7)
+    step N+1 a router or tier that learned h3 can read block 7
 
 With a connector (`kv_transfer.ExternalBlocks`), a hit continues past the pool into the
 blocks the connector can load, and newly computed full blocks are saved when it asks.
@@ -60,7 +61,7 @@ class PrefixCache:
         self.saves_blocks = connector is not None and connector.saves_blocks
         self.num_queries = 0
         self.num_hits = 0
-        self._written: dict[str, list[tuple[KVBlock, bytes]]] = {}
+        self._written: dict[str, list[KVBlock]] = {}  # registered, announced at commit
         self._loads: dict[str, list[BlockTransfer]] = {}
         self._saves: dict[str, list[BlockTransfer]] = {}
 
@@ -102,23 +103,26 @@ class PrefixCache:
             return
         pairs = list(zip(blocks, block_hashes, strict=True))
         if pairs and self.enabled:
-            self._written[request_id] = pairs
+            registered = self.pool.cache_full_blocks(blocks, block_hashes)
+            if registered:
+                self._written[request_id] = registered
         if num_loaded:
             self._loads[request_id] = [BlockTransfer(b.block_id, h) for b, h in pairs[:num_loaded]]
         if self.saves_blocks and len(pairs) > num_loaded:
             self._saves[request_id] = [BlockTransfer(b.block_id, h) for b, h in pairs[num_loaded:]]
 
     def forget(self, request_id: str) -> None:
-        """The request was freed before its step ran: its blocks will not be written."""
-        for log in (self._written, self._loads, self._saves):
-            log.pop(request_id, None)
+        """The request was freed before its step ran: its blocks will not be written, so
+        what it registered is dropped and nothing of it is loaded, saved or announced."""
+        self.pool.uncache_blocks(self._written.pop(request_id, []))
+        self._loads.pop(request_id, None)
+        self._saves.pop(request_id, None)
 
     def commit_step(self) -> None:
-        """The step ran: register every recorded block in the pool's cached map."""
+        """The step ran: announce every block it registered (`BlockStored` events)."""
         written, self._written = self._written, {}
-        pairs = [pair for items in written.values() for pair in items]
-        if pairs:
-            self.pool.cache_full_blocks([b for b, _ in pairs], [h for _, h in pairs])
+        for blocks in written.values():
+            self.pool.mark_stored(blocks)
 
     def take_loads(self) -> list[BlockTransfer]:
         loads, self._loads = self._loads, {}

@@ -207,8 +207,10 @@ def test_check_invariants_detects_corruption(corrupt: Callable[[BlockPool], None
 def test_events_record_stores_evictions_and_resets_in_order() -> None:
     pool = BlockPool(4, enable_kv_events=True)
     blocks = pool.get_new_blocks(2)
-    pool.cache_full_blocks(blocks, [h(1), h(2)])
-    pool.cache_full_blocks(blocks[:1], [h(9)])  # already hashed: no event
+    assert pool.cache_full_blocks(blocks, [h(1), h(2)]) == blocks
+    assert pool.cache_full_blocks(blocks[:1], [h(9)]) == []  # already hashed
+    assert pool.take_events() == []  # registered, not written yet
+    pool.mark_stored(blocks)
     assert pool.take_events() == [BlockStored(h(1), 1), BlockStored(h(2), 2)]
     assert pool.take_events() == []
     pool.free_blocks(reversed(blocks))

@@ -1,4 +1,5 @@
-"""When a block becomes hittable, the KV events, and the load / save orders of a connector.
+"""When a block becomes hittable and when it is announced (KV events); a connector's load /
+save orders.
 
 Block size 4; block 0 is the null block. The manager is driven step by step as the scheduler
 does: allocate (schedule), then `commit_step` (update_from_output, after the forward).
@@ -56,27 +57,26 @@ def admit(manager: KVCacheManager, request: Request) -> list[int] | None:
     return block_ids
 
 
-def test_a_block_is_hittable_only_after_the_step_that_writes_it_ran() -> None:
+def test_a_block_is_hittable_when_scheduled_and_announced_after_its_step_ran() -> None:
     manager = make_manager(enable_kv_events=True)
     a = make_request("a", list(range(9)))
     assert admit(manager, a) == [1, 2, 3]
-    assert manager.pool.num_cached_blocks == 0
-    assert manager.take_events() == []
-    # b, scheduled in the same step with the same prefix, computes it too.
+    assert manager.pool.num_cached_blocks == 2
+    assert manager.take_events() == []  # not written yet: nobody is told
+    # b, admitted later in the same step with the same prefix, hits a's blocks (the flat
+    # forward writes them before any attention reads).
     b = make_request("b", list(range(9)))
-    assert manager.get_computed_blocks(b) == ([], 0)
-    assert admit(manager, b) == [4, 5, 6]
+    hit, num_hit_tokens = manager.get_computed_blocks(b)
+    assert ([block.block_id for block in hit], num_hit_tokens) == ([1, 2], 8)
+    assert manager.allocate_slots(b, 1, hit) == [1, 2, 4]
     manager.commit_step()
     manager.check_invariants()
-    # a's blocks are registered first; b's equal hashes stay with a's blocks.
     assert manager.take_events() == [
         BlockStored(a.block_hashes[0], 1),
         BlockStored(a.block_hashes[1], 2),
     ]
-    assert [manager.pool.blocks[i].block_hash is None for i in (4, 5)] == [True, True]
-    c = make_request("c", list(range(9)))
-    hit, num_hit_tokens = manager.get_computed_blocks(c)
-    assert ([block.block_id for block in hit], num_hit_tokens) == ([1, 2], 8)
+    manager.commit_step()  # announced once
+    assert manager.take_events() == []
 
 
 def test_a_request_freed_before_its_step_ran_caches_nothing() -> None:
@@ -192,26 +192,30 @@ def test_a_window_never_loads_from_the_connector() -> None:
     assert (list(hit), hit.external_hashes, num_hit_tokens) == ([], [], 0)
 
 
-def test_the_scheduler_orders_loads_and_saves_and_commits_after_the_step() -> None:
+def test_the_scheduler_orders_loads_and_saves_and_announces_after_the_step() -> None:
     tokens = list(range(10))
     hashes = block_hashes(tokens, BLOCK_SIZE)
-    manager = KVCacheManager(16, BLOCK_SIZE, max_model_len=64, connector=FakeTier(hashes[:1]))
+    manager = KVCacheManager(
+        16, BLOCK_SIZE, max_model_len=64, connector=FakeTier(hashes[:1]), enable_kv_events=True
+    )
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
     scheduler = Scheduler(config, manager)
     params = SamplingParams(max_tokens=4, ignore_eos=True)
     for request_id in ("a", "b"):
         scheduler.add_request_group([Request(request_id, tokens, params)])
     output = scheduler.schedule()
-    # Each loads block 0's K/V from the tier (a into 1, b into 4) and computes 4..9.
+    # a loads block 0's K/V from the tier into block 1 and computes 4..9; b, admitted after
+    # it in the same step, hits a's blocks 1 and 2 and computes 8..9 into block 4.
     assert [(e.request_id, e.block_ids) for e in output.scheduled] == [
         ("a", [1, 2, 3]),
-        ("b", [4, 5, 6]),
+        ("b", [1, 2, 4]),
     ]
-    assert output.blocks_to_load == [BlockTransfer(1, hashes[0]), BlockTransfer(4, hashes[0])]
-    assert output.blocks_to_save == [BlockTransfer(2, hashes[1]), BlockTransfer(5, hashes[1])]
-    assert manager.pool.num_cached_blocks == 0  # nothing is written yet
+    assert output.blocks_to_load == [BlockTransfer(1, hashes[0])]
+    assert output.blocks_to_save == [BlockTransfer(2, hashes[1])]
+    assert manager.take_events() == []  # nothing is written yet
     scheduler.update_from_output(output, ModelRunnerOutput(["a", "b"], [7, 7], [None, None]))
     scheduler.check_invariants()
+    assert manager.take_events() == [BlockStored(hashes[0], 1), BlockStored(hashes[1], 2)]
     assert [manager.pool.get_cached_block(h) for h in hashes] == [
         manager.pool.blocks[1],
         manager.pool.blocks[2],

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
-from kvserve.engine.kv_connector import KVConnector
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.prompts import PromptInput as PromptInput  # re-exported (older imports)
@@ -27,6 +26,7 @@ from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
+from kvserve.kv.kv_connector import KVConnector
 from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
@@ -42,7 +42,7 @@ class Engine:
     """A synchronous engine. `add_request` validates before any work; `step` advances all.
 
     `kv_connector` moves KV blocks to and from a place outside the pool (a tier, another
-    engine; see engine/kv_connector.py); None: the pool is all there is.
+    engine; see kv/kv_connector.py); None: the pool is all there is.
     `block_hash_params` are what a router needs to compute this engine's block hashes from
     token ids (`BlockHashParams.block_hashes`).
     """

@@ -14,11 +14,11 @@ from typing import Any, NamedTuple
 import torch
 
 from kvserve.engine.compiled_decode import CompiledDecode
-from kvserve.engine.kv_connector import KVConnector, NoKVConnector
 from kvserve.engine.prompt_logprobs import compute_prompt_logprobs
 from kvserve.engine.sampler import Sampler
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
 from kvserve.kv.kv_cache import KVCaches, allocate_kv_caches, copy_blocks
+from kvserve.kv.kv_connector import KVConnector, NoKVConnector
 from kvserve.kv.quant import storage_dtype
 from kvserve.model.attention import (
     AttentionBackend,
@@ -39,7 +39,7 @@ class StepInputs(NamedTuple):
 
 class ModelRunner:
     """Owns the model, the physical KV cache, the sampler and the KV connector (the worker
-    half: loads and saves the step's blocks, see engine/kv_connector.py); makes no policy
+    half: loads and saves the step's blocks, see kv/kv_connector.py); makes no policy
     decisions."""
 
     def __init__(

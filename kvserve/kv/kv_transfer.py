@@ -1,7 +1,7 @@
 """KV moved between the block pool and somewhere else (a tier, another engine), as orders.
 
 The KV cache manager decides; the orders travel in the scheduler's output; the model runner's
-connector (engine/kv_connector.py) moves the bytes:
+connector (kv/kv_connector.py) moves the bytes:
 
     schedule:  prefix hit in the pool, then the hash chain continued outside it
                -> blocks_to_load:  fresh blocks to fill before the forward

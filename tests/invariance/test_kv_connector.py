@@ -15,8 +15,8 @@ import pytest
 
 from kvserve.config import EngineConfig
 from kvserve.engine.engine import Engine
-from kvserve.engine.kv_connector import KVConnector
 from kvserve.kv.kv_cache import BlockData, KVCaches, read_block, write_block
+from kvserve.kv.kv_connector import KVConnector
 from kvserve.kv.kv_transfer import BlockTransfer
 from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams

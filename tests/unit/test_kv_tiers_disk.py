@@ -4,6 +4,8 @@ and failures that are counted instead of raised."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,7 @@ import pytest
 from kvserve.kv.tiers.base import TierStats
 from kvserve.kv.tiers.disk import STALE_TMP_SECONDS, DiskStore
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # the subprocess imports this checkout
 A, B, C, D = (bytes([i]) * 32 for i in (0xA0, 0xB0, 0xC0, 0xD0))
 
 
@@ -118,6 +121,18 @@ def test_two_stores_share_a_directory(tmp_path: Path) -> None:
     assert one.stats.misses == 1 and one.stats.errors == 0
     one.check_invariants()
     two.check_invariants()
+
+
+def test_a_file_another_process_wrote_is_found(tmp_path: Path) -> None:
+    store = DiskStore(tmp_path, 1000)
+    script = (
+        "import sys; from kvserve.kv.tiers.disk import DiskStore; "
+        "assert DiskStore(sys.argv[1], 1000).put(bytes([0xA0]) * 32, b'other process')"
+    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, cwd=REPO_ROOT)
+    assert store.num_leading([A]) == 1
+    assert store.get(A) == b"other process"
+    store.check_invariants()
 
 
 def test_start_up_deletes_stale_temporary_files_and_ignores_other_files(tmp_path: Path) -> None:

@@ -71,6 +71,15 @@ class EngineConfig:
     preemption_mode: str = field(
         default="recompute", metadata={"help": "what to do with a preempted request's KV"}
     )
+    kv_cpu_bytes: int = field(
+        default=0, metadata={"help": "host-RAM KV tier below the pool, LRU by bytes (0: off)"}
+    )
+    kv_disk_dir: str | None = field(
+        default=None, metadata={"help": "directory of the disk KV tier: survives restarts"}
+    )
+    kv_disk_bytes: int = field(
+        default=10 * 2**30, metadata={"help": "bytes the disk KV tier may hold, LRU"}
+    )
     dtype: str = field(default="float32", metadata={"help": "compute dtype of the model"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "seed of unseeded sampling"})
@@ -94,6 +103,9 @@ class EngineConfig:
         _require_positive("max_num_seqs", self.max_num_seqs)
         _require_positive("max_num_batched_tokens", self.max_num_batched_tokens)
         _require_positive("num_threads", self.num_threads)
+        _require_positive("kv_disk_bytes", self.kv_disk_bytes)
+        if not isinstance(self.kv_cpu_bytes, int) or self.kv_cpu_bytes < 0:
+            raise ValueError(f"kv_cpu_bytes: must be an integer >= 0, got {self.kv_cpu_bytes!r}")
         _require_choice("cache_mode", self.cache_mode, CACHE_MODES)
         _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)

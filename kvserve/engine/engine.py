@@ -28,6 +28,7 @@ from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_connector import KVConnector
 from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
+from kvserve.kv.tiers.tiered import build_tier_connector
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams
@@ -52,20 +53,24 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.model_path = _resolve_model_path(config.model)
         self.tokenizer: Any = load_tokenizer(self.model_path)
-        self.model_runner = ModelRunner(
-            self.model_path, config.dtype, config.device, config.seed, kv_connector
-        )
+        self.model_runner = ModelRunner(self.model_path, config.dtype, config.device, config.seed)
         self.model_config = self.model_runner.model_config
         self.config, num_blocks = self._resolve(config)
         self.block_hash_params = BlockHashParams(
             self.config.block_size, self.model_config.fingerprint, self.config.kv_cache_dtype
         )
+        if kv_connector is None:  # the tiers the arguments ask for, if any
+            kv_connector = build_tier_connector(
+                self.block_hash_params, self.config, self.model_config.sliding_window
+            )
+        self.kv_connector = kv_connector
         self.model_runner.initialize_kv_cache(
             num_blocks,
             self.config.block_size,
             self.config.kv_cache_dtype,
             self.config.attention_backend,
             compiled=self.config.compile,
+            connector=kv_connector,
         )
         if self.config.compile:
             self.model_runner.compile_decode(self.config.compile_sizes)

@@ -48,7 +48,6 @@ class ModelRunner:
         dtype: str,
         device: str,
         seed: int,
-        connector: KVConnector | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
@@ -58,7 +57,7 @@ class ModelRunner:
         self.kv_caches: KVCaches | None = None
         self.block_size = 0
         self.compiled: CompiledDecode | None = None
-        self.connector = connector or NoKVConnector()
+        self.connector: KVConnector = NoKVConnector()
         self.attention_backend: AttentionBackend[Any] = TorchSDPABackend()
 
     def initialize_kv_cache(
@@ -68,10 +67,12 @@ class ModelRunner:
         kv_cache_dtype: str,
         attention_backend: str,
         compiled: bool = False,
+        connector: KVConnector | None = None,
     ) -> None:
         """Allocate the whole KV pool once and choose the attention backend, once, for this
         cache and `--attention-backend` (`compiled`: decode steps will be compiled, see
-        `compile_decode`). `num_blocks == 0` runs without a cache (and with SDPA)."""
+        `compile_decode`). `num_blocks == 0` runs without a cache (and with SDPA). The
+        `connector` (None: none) moves blocks in and out of this pool."""
         self.block_size = block_size
         if num_blocks == 0:
             self.kv_caches = None
@@ -87,6 +88,9 @@ class ModelRunner:
             dtype=cache_dtype,
             device=self.device,
         )
+        if connector is not None:
+            self.connector = connector
+            connector.register_kv_caches(self.kv_caches)
         self.attention_backend = select_attention_backend(
             attention_backend,
             compiled=compiled,

@@ -37,8 +37,25 @@ class KVConnector(ABC):
     def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
         """How many leading blocks of `block_hashes` (a hash chain) this connector can load.
 
-        Must not change what it holds: the scheduler may still decide not to load them.
+        Must not change what it holds: the scheduler may still decide not to load them. A
+        block counted here must load in this step if ordered (a connector that can fail to
+        read reads and checks the blocks now, keeping them until `prepare_loads`).
         """
+
+    def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
+        """The step's loads, once per schedule (possibly empty), before `load_blocks`; what
+        the lookups found beyond them can be let go."""
+        return None  # a hook: connectors that stage reads at lookup override it
+
+    # ---- both halves ------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: KVCaches) -> None:
+        """The pool, once allocated (the block layout every entry must match)."""
+        return None  # a hook: connectors that check layouts override it
+
+    def close(self) -> None:
+        """Release what the connector holds open (files, connections)."""
+        return None  # a hook: connectors with files or connections override it
 
     # ---- worker half (the model runner) ----------------------------------------------------
 

@@ -31,5 +31,10 @@ class ExternalBlocks(Protocol):
         ...
 
     def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
-        """How many leading blocks of `block_hashes` (a hash chain) can be loaded. Pure."""
+        """How many leading blocks of `block_hashes` (a hash chain) can be loaded."""
+        ...
+
+    def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
+        """The step's loads, decided (once per schedule, possibly empty): what the lookups
+        of this schedule found beyond them will not be loaded."""
         ...

@@ -125,8 +125,12 @@ class PrefixCache:
             self.pool.mark_stored(blocks)
 
     def take_loads(self) -> list[BlockTransfer]:
+        """The step's loads, once per schedule; the connector keeps what they need."""
         loads, self._loads = self._loads, {}
-        return [load for items in loads.values() for load in items]
+        blocks = [load for items in loads.values() for load in items]
+        if self.connector is not None:
+            self.connector.prepare_loads(blocks)
+        return blocks
 
     def take_saves(self) -> list[BlockTransfer]:
         saves, self._saves = self._saves, {}

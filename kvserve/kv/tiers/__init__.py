@@ -1,10 +1,12 @@
 """KV stores below the block pool (DESIGN.md section 4): a store contract (base.py), one
-block's bytes (serde.py), host RAM (cpu.py) and local disk (disk.py)."""
+block's bytes (serde.py), host RAM (cpu.py), local disk (disk.py), and the chain that connects
+them to the pool as a KV connector (tiered.py)."""
 
 from kvserve.kv.tiers.base import KVStore, TierStats
 from kvserve.kv.tiers.cpu import CPUStore
 from kvserve.kv.tiers.disk import DiskStore
 from kvserve.kv.tiers.serde import BlockData, BlockLayout, decode_block, encode_block
+from kvserve.kv.tiers.tiered import TieredConnector, build_tier_connector
 
 __all__ = [
     "BlockData",
@@ -13,6 +15,8 @@ __all__ = [
     "DiskStore",
     "KVStore",
     "TierStats",
+    "TieredConnector",
+    "build_tier_connector",
     "decode_block",
     "encode_block",
 ]

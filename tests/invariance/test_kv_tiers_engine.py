@@ -1,0 +1,116 @@
+"""Restored from a KV tier == recomputed: the CPU and disk tiers under a small pool.
+
+The pool holds few blocks, so a prefix computed early is evicted by the prompts after it. An
+engine with a tier loads it back instead of recomputing it; its greedy tokens and logprobs
+must equal those of an engine with no tier, and `num_cached_tokens` counts the loaded tokens.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kvserve.config import EngineConfig
+from kvserve.engine.engine import Engine
+from kvserve.kv.tiers.tiered import TieredConnector
+from kvserve.outputs import RequestOutput
+from kvserve.sampling_params import SamplingParams
+from tests.helpers import random_prompts, run_engine, token_ids
+from tests.invariance.test_kv_connector import assert_same_logprobs
+
+BLOCK = 16
+PARAMS = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=3)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_checkpoints: dict[str, str]) -> str:
+    return tiny_checkpoints["llama"]
+
+
+def make(llama: str, **tiers: object) -> Engine:
+    config = EngineConfig(model=llama, num_kv_blocks=24, max_model_len=128, block_size=BLOCK)
+    return Engine(config.replace(**tiers))
+
+
+def evicting_workload(engine: Engine) -> tuple[list[int], list[list[int]]]:
+    """A 64-token prefix, then prompts that together need more blocks than the pool has."""
+    vocab_size = engine.model_config.vocab_size
+    (prefix,) = random_prompts(vocab_size, [64], seed=1)
+    fillers = random_prompts(vocab_size, [90, 90, 90, 90], seed=2)
+    return prefix, fillers
+
+
+def run_one_by_one(engine: Engine, prompts: list[list[int]]) -> list[RequestOutput]:
+    return [run_engine(engine, [prompt], PARAMS)[0] for prompt in prompts]
+
+
+@pytest.mark.parametrize("tier", ["cpu", "disk", "both"])
+def test_a_prefix_evicted_from_the_pool_is_restored_from_the_tier(
+    llama: str, tier: str, tmp_path: Path
+) -> None:
+    args: dict[str, object] = {}
+    if tier in ("cpu", "both"):
+        args["kv_cpu_bytes"] = 64 * 2**20
+    if tier in ("disk", "both"):
+        args["kv_disk_dir"] = str(tmp_path / "kv")
+    plain, tiered = make(llama), make(llama, **args)
+    prefix, fillers = evicting_workload(plain)
+    prompts = [prefix + [5, 6, 7], *fillers, prefix + [8, 9]]
+    want = run_one_by_one(plain, prompts)
+    got = run_one_by_one(tiered, prompts)
+    assert token_ids(got) == token_ids(want)
+    assert_same_logprobs(got, want)
+    assert want[-1].num_cached_tokens == 0  # the pool alone lost the prefix
+    assert got[-1].num_cached_tokens == 64  # all four prefix blocks came back from the tier
+    assert isinstance(tiered.kv_connector, TieredConnector)
+    tiered.scheduler.check_invariants()
+    tiered.kv_connector.check_invariants()
+    assert tiered.kv_cache_manager.num_used_blocks == 0
+
+
+def test_the_disk_tier_serves_a_prefix_across_a_restart(llama: str, tmp_path: Path) -> None:
+    directory = str(tmp_path / "kv")
+    first = make(llama, kv_disk_dir=directory)
+    (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=7)
+    want = run_engine(first, [prompt], PARAMS)
+    del first
+    second = make(llama, kv_disk_dir=directory)  # a new process would find the same files
+    got = run_engine(second, [prompt], PARAMS)
+    assert token_ids(got) == token_ids(want)
+    assert_same_logprobs(got, want)
+    assert got[0].num_cached_tokens == 48  # the three full blocks of 50 tokens
+
+
+def test_corrupt_entries_on_disk_are_misses_never_wrong_tokens(llama: str, tmp_path: Path) -> None:
+    directory = tmp_path / "kv"
+    first = make(llama, kv_disk_dir=str(directory))
+    (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=8)
+    want = run_engine(first, [prompt], PARAMS)
+    files = sorted(p for p in directory.rglob("*") if p.is_file())
+    assert len(files) == 3
+    for path in files:  # flip one byte in the middle of every entry
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+    second = make(llama, kv_disk_dir=str(directory))
+    got = run_engine(second, [prompt], PARAMS)
+    assert token_ids(got) == token_ids(want)
+    assert got[0].num_cached_tokens == 0
+    assert isinstance(second.kv_connector, TieredConnector)
+    assert second.kv_connector.num_unreadable == 1  # the first block ends the chain
+    assert second.kv_cache_manager.num_used_blocks == 0
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"kv_cpu_bytes": -1}, "kv_cpu_bytes"),
+        ({"kv_disk_bytes": 0}, "kv_disk_bytes"),
+        ({"kv_cpu_bytes": 2**20, "cache_mode": "contiguous"}, "kv_cpu_bytes"),
+        ({"kv_disk_dir": "x", "enable_prefix_caching": False}, "kv_disk_dir"),
+    ],
+)
+def test_tier_arguments_are_checked(llama: str, changes: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        make(llama, **changes)

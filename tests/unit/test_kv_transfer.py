@@ -27,6 +27,7 @@ class FakeTier:
     def __init__(self, held: Sequence[bytes] = (), saves: bool = True) -> None:
         self.held = set(held)
         self.saves = saves
+        self.prepared: list[list[BlockTransfer]] = []  # the loads of each schedule
 
     @property
     def saves_blocks(self) -> bool:
@@ -37,6 +38,9 @@ class FakeTier:
         while count < len(block_hashes) and block_hashes[count] in self.held:
             count += 1
         return count
+
+    def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
+        self.prepared.append(list(blocks))
 
 
 def make_request(request_id: str, token_ids: list[int]) -> Request:
@@ -211,6 +215,8 @@ def test_the_scheduler_orders_loads_and_saves_and_announces_after_the_step() -> 
         ("b", [1, 2, 4]),
     ]
     assert output.blocks_to_load == [BlockTransfer(1, hashes[0])]
+    assert isinstance(manager.prefix_cache.connector, FakeTier)
+    assert manager.prefix_cache.connector.prepared == [output.blocks_to_load]  # told once
     assert output.blocks_to_save == [BlockTransfer(2, hashes[1])]
     assert manager.take_events() == []  # nothing is written yet
     scheduler.update_from_output(output, ModelRunnerOutput(["a", "b"], [7, 7], [None, None]))

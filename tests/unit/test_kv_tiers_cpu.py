@@ -13,9 +13,7 @@ def test_put_get_and_counters() -> None:
     assert store.put(b"a", b"x" * 10)
     assert store.get(b"a") == b"x" * 10
     assert store.get(b"b") is None
-    assert store.stats == TierStats(
-        hits=1, misses=1, reads=1, writes=1, bytes_read=10, bytes_written=10
-    )
+    assert store.stats == TierStats(hits=1, misses=1, writes=1, bytes_read=10, bytes_written=10)
     assert store.num_bytes == 10 and len(store) == 1
     store.check_invariants()
 

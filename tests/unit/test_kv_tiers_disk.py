@@ -32,9 +32,7 @@ def test_one_file_per_key_fanned_out_by_its_first_hex_chars(tmp_path: Path) -> N
     assert store.path_of(A).read_bytes() == b"x" * 10
     assert store.get(A) == b"x" * 10
     assert store.get(B) is None
-    assert store.stats == TierStats(
-        hits=1, misses=1, reads=1, writes=1, bytes_read=10, bytes_written=10
-    )
+    assert store.stats == TierStats(hits=1, misses=1, writes=1, bytes_read=10, bytes_written=10)
     store.check_invariants()
 
 

@@ -28,15 +28,22 @@ class TierStats:
     whole budget; `evictions` counts entries dropped to make room.
     """
 
-    hits: int = 0
+    hits: int = 0  # each hit is one value read
     misses: int = 0
-    reads: int = 0
     writes: int = 0
     bytes_read: int = 0
     bytes_written: int = 0
     evictions: int = 0
     errors: int = 0
     rejected: int = 0
+
+    def record_hit(self, num_bytes: int) -> None:
+        self.hits += 1
+        self.bytes_read += num_bytes
+
+    def record_write(self, num_bytes: int) -> None:
+        self.writes += 1
+        self.bytes_written += num_bytes
 
 
 class KVStore(ABC):

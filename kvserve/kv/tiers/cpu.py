@@ -59,9 +59,7 @@ class CPUStore(KVStore):
                 self.stats.misses += 1
                 return None
             self._entries.move_to_end(key)
-            self.stats.hits += 1
-            self.stats.reads += 1
-            self.stats.bytes_read += len(value)
+            self.stats.record_hit(len(value))
             return value
 
     def put(self, key: bytes, value: bytes) -> bool:
@@ -75,8 +73,7 @@ class CPUStore(KVStore):
                 self.stats.evictions += 1
             self._entries[key] = value
             self._num_bytes += len(value)
-            self.stats.writes += 1
-            self.stats.bytes_written += len(value)
+            self.stats.record_write(len(value))
             return True
 
     def remove(self, key: bytes) -> None:

@@ -115,9 +115,7 @@ class DiskStore(KVStore):
             self._forget(key)
             self._remember(key, len(value))
             self._evict_until(0)
-            self.stats.hits += 1
-            self.stats.reads += 1
-            self.stats.bytes_read += len(value)
+            self.stats.record_hit(len(value))
             return value
 
     def put(self, key: bytes, value: bytes) -> bool:
@@ -131,8 +129,7 @@ class DiskStore(KVStore):
                 self.stats.errors += 1
                 return False
             self._remember(key, len(value))
-            self.stats.writes += 1
-            self.stats.bytes_written += len(value)
+            self.stats.record_write(len(value))
             return True
 
     def remove(self, key: bytes) -> None:

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain in three sentences why an LLM server caches keys and values but not queries.
 
-.PHONY: setup run demo test test-fast lint eval-deps clean
+.PHONY: setup run demo test test-fast lint eval-deps redis-server clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,10 +25,10 @@ run: setup
 demo: setup
 	$(VENV)/bin/kvserve generate --chat --max-tokens 160 --prompt "$(PROMPT)"
 
-test: setup
+test: setup redis-server
 	$(PY) -m pytest -q
 
-test-fast: setup
+test-fast: setup redis-server
 	$(PY) -m pytest -q -m "not slow"
 
 # The default text of `kvserve eval ppl` (the King James Bible, public domain): Debian's
@@ -37,6 +37,13 @@ eval-deps:
 	@command -v bible >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q bible-kjv-text bible-kjv >/dev/null; \
 	  else sudo apt-get install -y -q bible-kjv-text bible-kjv >/dev/null; fi; }
+
+# The remote KV tier's tests start a real Redis (Debian's redis-server) on a free loopback
+# port and stop it after; only the binary is needed, no service is left running.
+redis-server:
+	@command -v redis-server >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null; \
+	  else sudo apt-get install -y -q redis-server >/dev/null; fi; }
 
 lint: setup
 	$(VENV)/bin/ruff check kvserve tests scripts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,9 @@ KV_CACHE_DTYPES: tuple[str, ...] = (
     "int8",
     "int4",
 )
-PREEMPTION_MODES: tuple[str, ...] = ("recompute",)
+PREEMPTION_MODES: tuple[str, ...] = ("recompute", "swap")
+KV_RESTORE_MODES: tuple[str, ...] = ("auto", "always", "never")
+KV_REMOTE_SECRET_ENV = "KVSERVE_KV_REMOTE_SECRET"
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "torch")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
@@ -69,7 +72,11 @@ class EngineConfig:
         },
     )
     preemption_mode: str = field(
-        default="recompute", metadata={"help": "what to do with a preempted request's KV"}
+        default="recompute",
+        metadata={
+            "help": "recompute: drop a preempted request's KV and prefill it again on resume; "
+            "swap: move its blocks to a KV tier and load them back (needs a tier)"
+        },
     )
     kv_cpu_bytes: int = field(
         default=0, metadata={"help": "host-RAM KV tier below the pool, LRU by bytes (0: off)"}
@@ -79,6 +86,28 @@ class EngineConfig:
     )
     kv_disk_bytes: int = field(
         default=10 * 2**30, metadata={"help": "bytes the disk KV tier may hold, LRU"}
+    )
+    kv_remote_url: str | None = field(
+        default=None,
+        metadata={
+            "help": "Redis URL of the shared KV tier, e.g. redis://127.0.0.1:6379/0 "
+            "(password in the URL as redis-py reads it)"
+        },
+    )
+    kv_remote_secret: str | None = field(
+        default=None,
+        repr=False,
+        metadata={
+            "env": KV_REMOTE_SECRET_ENV,
+            "help": "signs remote KV entries (HMAC); read from the environment, never a flag",
+        },
+    )
+    kv_restore: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: load a prefix found in a KV tier when that is predicted faster than "
+            "recomputing it; always; never"
+        },
     )
     dtype: str = field(default="float32", metadata={"help": "compute dtype of the model"})
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
@@ -109,9 +138,20 @@ class EngineConfig:
         _require_choice("cache_mode", self.cache_mode, CACHE_MODES)
         _require_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _require_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
-        if self.preemption_mode == "swap":
-            raise ValueError("preemption_mode: 'swap' needs a CPU KV tier, which kvserve lacks yet")
         _require_choice("preemption_mode", self.preemption_mode, PREEMPTION_MODES)
+        _require_choice("kv_restore", self.kv_restore, KV_RESTORE_MODES)
+        if self.preemption_mode == "swap" and not self.has_kv_tiers:
+            raise ValueError(
+                "preemption_mode: 'swap' needs a KV tier (kv_cpu_bytes, kv_disk_dir or "
+                "kv_remote_url) to swap blocks to"
+            )
+        if self.kv_remote_url is not None and not self.kv_remote_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"kv_remote_url: must be a redis://, rediss:// or unix:// URL, got "
+                f"{self.kv_remote_url!r}"
+            )
         _require_choice("dtype", self.dtype, DTYPES)
         object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))
         if not self.compile_sizes or any(
@@ -124,6 +164,11 @@ class EngineConfig:
             raise ValueError(f"seed: must be an integer, got {self.seed!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device: must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @property
+    def has_kv_tiers(self) -> bool:
+        """True when some KV tier below the pool is configured."""
+        return self.kv_cpu_bytes > 0 or self.kv_disk_dir is not None or bool(self.kv_remote_url)
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
@@ -138,6 +183,8 @@ class EngineConfig:
         group = parser.add_argument_group("engine")
         hints = get_type_hints(cls)
         for item in dataclasses.fields(cls):
+            if "env" in item.metadata:  # secrets: from the environment, never a command line
+                continue
             flag = "--" + item.name.replace("_", "-")
             kind = _flag_type(hints[item.name])
             help_text = item.metadata.get("help", "")
@@ -150,6 +197,9 @@ class EngineConfig:
     def from_cli_args(cls, args: argparse.Namespace) -> EngineConfig:
         """The config of the flags `add_cli_args` made; only flags given override defaults.
 
+        Fields with an "env" name in their metadata (secrets) are read from that environment
+        variable instead.
+
         Raises:
             ValueError: a flag's value is invalid (names the field).
         """
@@ -158,6 +208,9 @@ class EngineConfig:
             for item in dataclasses.fields(cls)
             if getattr(args, item.name, None) is not None
         }
+        for item in dataclasses.fields(cls):
+            if "env" in item.metadata and os.environ.get(item.metadata["env"]):
+                given[item.name] = os.environ[item.metadata["env"]]
         return cls(**given)
 
 

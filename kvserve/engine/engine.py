@@ -28,7 +28,7 @@ from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_connector import KVConnector
 from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
-from kvserve.kv.tiers.tiered import build_tier_connector
+from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
 from kvserve.sampling_params import SamplingParams

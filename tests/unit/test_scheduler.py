@@ -162,8 +162,8 @@ def test_request_queue_rejects_a_negative_bound() -> None:
         RequestQueue(max_bypass_steps=-1)
 
 
-def test_swap_preemption_needs_a_cpu_tier() -> None:
-    with pytest.raises(ValueError, match="preemption_mode: 'swap' needs a CPU KV tier"):
+def test_swap_preemption_needs_a_kv_tier() -> None:
+    with pytest.raises(ValueError, match="preemption_mode: 'swap' needs a KV tier"):
         EngineConfig(preemption_mode="swap")
     with pytest.raises(ValueError, match="preemption_mode"):
         make_preemption_strategy("swap", KVCacheManager(4, 4, max_model_len=8))

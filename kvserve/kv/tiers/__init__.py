@@ -3,10 +3,11 @@ block's bytes (serde.py), host RAM (cpu.py), local disk (disk.py), and the chain
 them to the pool as a KV connector (tiered.py)."""
 
 from kvserve.kv.tiers.base import KVStore, TierStats
+from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.kv.tiers.cpu import CPUStore
 from kvserve.kv.tiers.disk import DiskStore
 from kvserve.kv.tiers.serde import BlockData, BlockLayout, decode_block, encode_block
-from kvserve.kv.tiers.tiered import TieredConnector, build_tier_connector
+from kvserve.kv.tiers.tiered import TieredConnector
 
 __all__ = [
     "BlockData",

@@ -4,6 +4,7 @@ Fixtures:
     tiny_checkpoints      session dict name -> folder, one per entry of TINY_CHECKPOINTS
     make_tiny_checkpoint  session factory: make_tiny_checkpoint(arch, tmp_path, **config_kwargs)
                           -> folder, arch in "llama", "mistral", "qwen2", "gpt2"
+    redis_server, redis_url  a fresh real Redis per test (tests/redis_server.py)
 
 Weights are drawn with a fixed seed and a larger scale than transformers' init (std 0.15, norm
 weights near 1), so attention is peaked and logits differ by O(1): a masking or RoPE bug moves
@@ -13,12 +14,14 @@ them far beyond the 1e-4 parity tolerance. No tokenizer is saved (tests pass tok
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+
+from tests.redis_server import RedisServer
 
 _COMMON: dict[str, Any] = dict(
     vocab_size=256,
@@ -144,3 +147,15 @@ def hf_models(tiny_checkpoints: dict[str, str]) -> dict[str, torch.nn.Module]:
         ).eval()
         for name, path in tiny_checkpoints.items()
     }
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A fresh, empty Redis for one test (tests/redis_server.py); fails if none is installed."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url

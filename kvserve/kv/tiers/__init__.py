@@ -1,11 +1,12 @@
 """KV stores below the block pool (DESIGN.md section 4): a store contract (base.py), one
-block's bytes (serde.py), host RAM (cpu.py), local disk (disk.py), and the chain that connects
-them to the pool as a KV connector (tiered.py)."""
+block's bytes (serde.py), host RAM (cpu.py), local disk (disk.py), a shared Redis
+(redis_store.py), and the chain that connects them to the pool as a KV connector (tiered.py)."""
 
 from kvserve.kv.tiers.base import KVStore, TierStats
 from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.kv.tiers.cpu import CPUStore
 from kvserve.kv.tiers.disk import DiskStore
+from kvserve.kv.tiers.redis_store import RedisStore
 from kvserve.kv.tiers.serde import BlockData, BlockLayout, decode_block, encode_block
 from kvserve.kv.tiers.tiered import TieredConnector
 
@@ -15,6 +16,7 @@ __all__ = [
     "CPUStore",
     "DiskStore",
     "KVStore",
+    "RedisStore",
     "TierStats",
     "TieredConnector",
     "build_tier_connector",

@@ -126,6 +126,17 @@ class RedisServer:
             client.close()
 
 
+class FakeClock:
+    """Seconds that pass only when a test says so: `RedisStore(..., clock=clock)`, then
+    `clock.now += RETRY_DELAY` instead of sleeping through the reconnect backoff."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:

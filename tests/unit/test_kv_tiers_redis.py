@@ -18,18 +18,10 @@ from kvserve.kv.tiers.redis_store import (
     namespace,
     redact_url,
 )
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import FakeClock, RedisServer, free_port
 
 PARAMS = BlockHashParams(16, "model-a", "auto")
 A, B, C, D = (bytes([i]) * 32 for i in (0xA0, 0xB0, 0xC0, 0xD0))
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_put_get_and_counters(redis_url: str) -> None:

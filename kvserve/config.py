@@ -99,7 +99,7 @@ class EngineConfig:
         repr=False,
         metadata={
             "env": KV_REMOTE_SECRET_ENV,
-            "help": "signs remote KV entries (HMAC); read from the environment, never a flag",
+            "help": "signs every KV tier entry (HMAC); read from the environment, never a flag",
         },
     )
     kv_restore: str = field(

@@ -34,4 +34,4 @@ def build_tier_connector(
         raise ValueError(f"{name}: KV tiers need cache_mode 'paged' with prefix caching on")
     if sliding_window is not None:
         raise ValueError(f"{name}: a sliding-window model keeps no whole prefix to restore")
-    return TieredConnector(stores, params)
+    return TieredConnector(stores, params, restore=config.kv_restore)

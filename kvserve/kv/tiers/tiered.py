@@ -1,16 +1,16 @@
 """The tier chain: a `KVConnector` over the stores below the block pool (CPU RAM, disk, ...).
 
 Lookup continues a request's hash chain past the pool, down the tiers in order: each tier
-extends the run where the one above stopped (one batched `num_leading` query per tier), and
-the run is read and checked at once (kept until the step's loads are decided,
-`prepare_loads`), so the step's loads can no longer fail:
+extends the run where the one above stopped (one batched `num_leading` query per tier);
+`kv_restore` decides how much of the run to load from the counts alone (restore_policy.py,
+with the measured costs of cost.py), and those blocks are read and checked at once (kept
+until the step's loads are decided, `prepare_loads`), so the step's loads can no longer fail:
 
     hashes     [ h0 h1 h2 | h3 h4 h5 h6 | h7 ... ]
     pool hit     h0 h1 h2
     cpu                     h3 h4
-    disk                          h5 h6            -> 4 blocks to load; h7 is computed
-    kv_restore decides first (restore_policy.py, from the counts and the cost table): load
-    h3..h6, a prefix of them, or none (then nothing is read)
+    disk                          h5 h6            -> a run of 4; h7 is computed
+    decide      load h3..h6, a prefix of them, or none (then nothing is read)
     read + decode the blocks to load now (staged); an unreadable entry ends the run there
 
 `load_blocks` writes the staged blocks into the pool before the forward; `save_blocks` writes
@@ -132,8 +132,8 @@ class TieredConnector(KVConnector):
         num_load = num_blocks_to_load(run, self.costs.table(), self.restore)
         num_read = self._stage(candidates[:num_load], self._layout)
         stats = self.restore_stats
-        stats.runs_loaded += num_read > 0
-        stats.runs_recomputed += num_load == 0
+        stats.runs_loaded += int(num_read > 0)
+        stats.runs_recomputed += int(num_load == 0)
         stats.blocks_loaded += num_read
         stats.blocks_recomputed += len(candidates) - num_load
         return num_read

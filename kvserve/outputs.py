@@ -67,6 +67,11 @@ class RequestOutput:
     metrics: RequestMetrics | None = None
     prompt_logprobs: PromptLogprobs | None = None
     kv_block_ids: list[list[int]] = field(default_factory=list)
+    # Where the cached tokens came from: "pool" (the prefix cache) and each tier ("cpu",
+    # "disk", "redis"; "external" for a connector that is not a tier chain) -> tokens. Only
+    # places that supplied tokens appear ({} when none did); the values sum to
+    # num_cached_tokens.
+    num_cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

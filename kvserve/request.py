@@ -66,6 +66,8 @@ class Request:
         self.num_computed_tokens = 0
         # Prompt tokens found in the prefix cache at first scheduling (reported to the user).
         self.num_cached_tokens = -1
+        # ... and where they came from: "pool" and tier names -> tokens (only nonzero ones).
+        self.num_cached_tokens_by_tier: dict[str, int] = {}
         self.num_preemptions = 0
         # Prompt-logprob positions [0, n) already scheduled once (see prompt_logprob_positions).
         self.num_prompt_logprobs_scheduled = 0
@@ -150,6 +152,7 @@ class Request:
         child.all_token_ids = list(self.all_token_ids)
         child.num_computed_tokens = self.num_computed_tokens
         child.num_cached_tokens = self.num_cached_tokens
+        child.num_cached_tokens_by_tier = dict(self.num_cached_tokens_by_tier)
         child.num_prompt_logprobs_scheduled = self.num_prompt_logprobs_scheduled
         child.block_hashes = list(self.block_hashes)
         child.first_scheduled_time = self.first_scheduled_time

@@ -73,6 +73,7 @@ class Forks:
         for child in children:
             child.num_computed_tokens = parent.num_computed_tokens
             child.num_cached_tokens = parent.num_cached_tokens
+            child.num_cached_tokens_by_tier = dict(parent.num_cached_tokens_by_tier)
             child.num_prompt_logprobs_scheduled = parent.num_prompt_logprobs_scheduled
             child.first_scheduled_time = parent.first_scheduled_time
             self._share(parent, child)

@@ -9,6 +9,7 @@ One step's batch is flat: the scheduled requests' new tokens laid end to end (de
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import torch
@@ -116,7 +117,7 @@ class ModelRunner:
         """Run one step: blocks to load, copy-on-write copies, forward, blocks to save, logits
         of sampled rows, sampling, and the logprobs of the prompt positions the scheduler
         named (prompt_logprobs.py). Loads and saves go through the connector; empty orders
-        (always, without a tier) skip it."""
+        (always, without a tier) skip it. The forward's time goes to the connector too."""
         kv_caches = self.kv_caches
         if kv_caches is not None:
             if scheduler_output.blocks_to_load:
@@ -127,7 +128,11 @@ class ModelRunner:
             return ModelRunnerOutput()
         inputs = self.prepare_inputs(scheduled)
         sampled = [r for r in scheduled if r.sample]
+        start = time.perf_counter()
         hidden, logits = self._forward(inputs, is_decode=len(sampled) == len(inputs.input_ids))
+        self.connector.record_forward(  # the measured prefill cost, for restore decisions
+            len(inputs.input_ids), inputs.attn_metadata.num_decodes, time.perf_counter() - start
+        )
         if kv_caches is not None and scheduler_output.blocks_to_save:
             self.connector.save_blocks(kv_caches, scheduler_output.blocks_to_save)
         prompt_logprobs = (

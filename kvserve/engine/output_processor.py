@@ -46,6 +46,7 @@ class _ParentState:
     # [None, then one dict per scored prompt token] when the request asked for them
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
+    num_cached_tokens_by_tier: dict[str, int] = field(default_factory=dict)
     finished_children: set[str] = field(default_factory=set)
 
 
@@ -133,7 +134,9 @@ class OutputProcessor:
             finish_reason=finish_reason,
             stop_reason=request.stop_reason,
         )
-        parent.num_cached_tokens = max(parent.num_cached_tokens, request.num_cached_tokens)
+        if request.num_cached_tokens > parent.num_cached_tokens:  # the sample that hit most
+            parent.num_cached_tokens = request.num_cached_tokens
+            parent.num_cached_tokens_by_tier = dict(request.num_cached_tokens_by_tier)
         if parent.metrics.first_token_time is None:
             parent.metrics.first_token_time = request.first_token_time
             parent.metrics.first_scheduled_time = request.first_scheduled_time
@@ -156,6 +159,7 @@ class OutputProcessor:
             outputs=outputs,
             finished=finished,
             num_cached_tokens=parent.num_cached_tokens,
+            num_cached_tokens_by_tier=parent.num_cached_tokens_by_tier,
             metrics=parent.metrics,
             prompt_logprobs=parent.prompt_logprobs,
         )

@@ -194,6 +194,8 @@ class Scheduler(RequestQueues):
         request.num_computed_tokens = num_hit_tokens
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit_tokens
+            by_tier = hit_blocks.num_tokens_by_tier(self.kv_cache_manager.block_size)
+            request.num_cached_tokens_by_tier = by_tier
             self.num_prompt_tokens += request.num_prompt_tokens
         if request.first_scheduled_time is None:
             request.first_scheduled_time = time.monotonic()

@@ -42,6 +42,12 @@ class KVConnector(ABC):
         read reads and checks the blocks now, keeping them until `prepare_loads`).
         """
 
+    def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        """Where the blocks of a run `num_external_hit_blocks` just counted load from: blocks
+        per place (a tier's name: "cpu", "disk", "redis"), for `num_cached_tokens_by_tier`.
+        No side effects. A connector with one place outside the pool keeps this default."""
+        return {"external": len(block_hashes)} if block_hashes else {}
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """The step's loads, once per schedule (possibly empty), before `load_blocks`; what
         the lookups found beyond them can be let go."""
@@ -52,6 +58,11 @@ class KVConnector(ABC):
     def register_kv_caches(self, kv_caches: KVCaches) -> None:
         """The pool, once allocated (the block layout every entry must match)."""
         return None  # a hook: connectors that check layouts override it
+
+    def record_forward(self, num_tokens: int, num_decodes: int, seconds: float) -> None:
+        """The model runner's forward of `num_tokens` rows (`num_decodes` single-token
+        decodes) took `seconds`: the measured prefill cost a restore decision weighs."""
+        return None  # a hook: connectors that weigh loads against prefill override it
 
     def close(self) -> None:
         """Release what the connector holds open (files, connections)."""

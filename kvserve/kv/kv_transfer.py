@@ -34,6 +34,10 @@ class ExternalBlocks(Protocol):
         """How many leading blocks of `block_hashes` (a hash chain) can be loaded."""
         ...
 
+    def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        """Blocks per place (tier name) of a run `num_external_hit_blocks` just counted."""
+        ...
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """The step's loads, decided (once per schedule, possibly empty): what the lookups
         of this schedule found beyond them will not be loaded."""

@@ -36,13 +36,23 @@ class PrefixCacheStats(NamedTuple):
 class ComputedBlocks(list[KVBlock]):
     """A prefix hit (`KVCacheManager.get_computed_blocks`): the pool's cached blocks in table
     order (the list itself), and the hashes of the blocks right after them that the
-    connector can load (`external_hashes`); `allocate_slots` gives those fresh blocks."""
+    connector can load (`external_hashes`, from the places `external_tiers` counts);
+    `allocate_slots` gives those fresh blocks."""
 
     def __init__(
-        self, blocks: Iterable[KVBlock] = (), external_hashes: Sequence[bytes] = ()
+        self,
+        blocks: Iterable[KVBlock] = (),
+        external_hashes: Sequence[bytes] = (),
+        external_tiers: dict[str, int] | None = None,
     ) -> None:
         super().__init__(blocks)
         self.external_hashes = list(external_hashes)
+        self.external_tiers = external_tiers or {}  # place (tier name) -> blocks
+
+    def num_tokens_by_tier(self, block_size: int) -> dict[str, int]:
+        """The hit's tokens per place: "pool", then each tier; only places with tokens."""
+        blocks = {"pool": len(self), **self.external_tiers}
+        return {tier: num * block_size for tier, num in blocks.items() if num}
 
 
 class PrefixCache:
@@ -83,7 +93,8 @@ class PrefixCache:
         rest = block_hashes[len(blocks) :]
         if not external or self.connector is None or not rest:
             return ComputedBlocks(blocks)
-        return ComputedBlocks(blocks, rest[: self.connector.num_external_hit_blocks(rest)])
+        loadable = rest[: self.connector.num_external_hit_blocks(rest)]
+        return ComputedBlocks(blocks, loadable, self.connector.get_hit_tiers(loadable))
 
     def record_step(
         self,

@@ -60,6 +60,7 @@ class CompletionEndpoint:
         return RequestOutput(
             output.request_id, output.prompt, output.prompt_token_ids, hidden, output.finished,
             output.num_cached_tokens, output.metrics, output.prompt_logprobs,
+            num_cached_tokens_by_tier=output.num_cached_tokens_by_tier,
         )  # fmt: skip
 
     def choice(self, index: int, final: RequestOutput, c: CompletionOutput) -> dict[str, Any]:

@@ -29,7 +29,11 @@ def llama(tiny_checkpoints: dict[str, str]) -> str:
 
 
 def make(llama: str, **tiers: object) -> Engine:
-    config = EngineConfig(model=llama, num_kv_blocks=24, max_model_len=128, block_size=BLOCK)
+    """An engine with a small pool; with a tier, it restores whatever it finds there
+    (kv_restore "always": "auto" weighs this machine's speed, see test_kv_restore_engine)."""
+    config = EngineConfig(
+        model=llama, num_kv_blocks=24, max_model_len=128, block_size=BLOCK, kv_restore="always"
+    )
     return Engine(config.replace(**tiers))
 
 

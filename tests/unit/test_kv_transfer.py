@@ -39,6 +39,9 @@ class FakeTier:
             count += 1
         return count
 
+    def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        return {"fake": len(block_hashes)} if block_hashes else {}
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         self.prepared.append(list(blocks))
 

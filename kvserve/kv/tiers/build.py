@@ -49,4 +49,4 @@ def build_tier_connector(
     if config.kv_remote_url is not None:
         stores.append(RedisStore(config.kv_remote_url, params))
     secret = None if config.kv_remote_secret is None else config.kv_remote_secret.encode()
-    return TieredConnector(stores, params, secret=secret)
+    return TieredConnector(stores, params, secret=secret, restore=config.kv_restore)

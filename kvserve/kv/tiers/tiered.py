@@ -1,15 +1,17 @@
 """The tier chain: a `KVConnector` over the stores below the block pool (CPU RAM, disk, ...).
 
 Lookup continues a request's hash chain past the pool, down the tiers in order: each tier
-extends the run where the one above stopped (one batched `num_leading` query per tier), and
-the run is read and checked at once (kept until the step's loads are decided,
-`prepare_loads`), so the step's loads can no longer fail:
+extends the run where the one above stopped (one batched `num_leading` query per tier);
+`kv_restore` decides how much of the run to load from the counts alone (restore_policy.py,
+with the measured costs of cost.py), and those blocks are read and checked at once (kept
+until the step's loads are decided, `prepare_loads`), so the step's loads can no longer fail:
 
     hashes     [ h0 h1 h2 | h3 h4 h5 h6 | h7 ... ]
     pool hit     h0 h1 h2
     cpu                     h3 h4
-    disk                          h5 h6            -> 4 blocks to load; h7 is computed
-    read + decode h3..h6 now (staged); an unreadable entry ends the run there (a miss)
+    disk                          h5 h6            -> a run of 4; h7 is computed
+    decide      load h3..h6, a prefix of them, or none (then nothing is read)
+    read + decode the blocks to load now (staged); an unreadable entry ends the run there
 
 `load_blocks` writes the staged blocks into the pool before the forward; `save_blocks` writes
 every newly computed full block through to every tier after the forward (synchronously, for
@@ -19,14 +21,37 @@ and never a wrong token: `decode_block` checks the header, the key and the check
 
 from __future__ import annotations
 
+import os
+import time
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+from kvserve.config import KV_RESTORE_MODES
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache import BlockData, KVCaches, read_block, write_block
 from kvserve.kv.kv_connector import KVConnector
 from kvserve.kv.kv_transfer import BlockTransfer
 from kvserve.kv.tiers.base import KVStore
+from kvserve.kv.tiers.cost import RestoreCostModel, probe_store
+from kvserve.kv.tiers.restore_policy import RunSegment, num_blocks_to_load
 from kvserve.kv.tiers.serde import BlockLayout, decode_block, encode_block
+
+
+@dataclass
+class RestoreStats:
+    """Restore-or-recompute decisions (`kv_restore`), one per lookup that found a run in the
+    tiers; a waiting request looked up again in a later step is decided (and counted) again.
+
+    `blocks_loaded` counts blocks read and checked for loading; `blocks_recomputed` those the
+    decision left to the forward although a tier held them (unreadable entries are counted
+    in `TieredConnector.num_unreadable` instead).
+    """
+
+    runs_loaded: int = 0  # lookups that load at least one block
+    runs_recomputed: int = 0  # lookups that decided to load none
+    blocks_loaded: int = 0
+    blocks_recomputed: int = 0
 
 
 class TieredConnector(KVConnector):
@@ -37,23 +62,35 @@ class TieredConnector(KVConnector):
         params: the engine's hash parameters; every entry's header carries them, so an entry
             written by an engine with another model, kv dtype or block size is a miss.
         secret: signs entries (HMAC) instead of a plain checksum.
+        restore: `kv_restore`: "auto" (load what is predicted cheaper than computing it, by
+            the measured `costs`), "always" or "never".
 
     Raises:
-        ValueError: no stores.
+        ValueError: no stores, or an unknown restore mode (the message names the argument).
     """
 
     def __init__(
-        self, stores: Sequence[KVStore], params: BlockHashParams, secret: bytes | None = None
+        self,
+        stores: Sequence[KVStore],
+        params: BlockHashParams,
+        secret: bytes | None = None,
+        restore: str = "auto",
     ) -> None:
         if not stores:
             raise ValueError("stores: a tier chain needs at least one store")
+        if restore not in KV_RESTORE_MODES:
+            raise ValueError(f"kv_restore: must be one of {KV_RESTORE_MODES}, got {restore!r}")
         self.stores = list(stores)
         self.params = params
         self.secret = secret
+        self.restore = restore
+        self.costs = RestoreCostModel(params.block_size)  # probed at register_kv_caches
+        self.restore_stats = RestoreStats()
         self.num_unreadable = 0  # entries found but corrupt, truncated or foreign (misses)
         self._layout: BlockLayout | None = None  # the pool's block layout (register_kv_caches)
-        # Blocks read and checked at lookup, until the step's loads are decided.
-        self._staged: dict[bytes, BlockData] = {}
+        # Blocks read and checked at lookup (with their tier), until the step's loads are
+        # decided.
+        self._staged: dict[bytes, tuple[BlockData, str]] = {}
         self._to_load: dict[bytes, BlockData] = {}
 
     @property
@@ -61,26 +98,54 @@ class TieredConnector(KVConnector):
         return True
 
     def register_kv_caches(self, kv_caches: KVCaches) -> None:
-        self._layout = BlockLayout.of(read_block(kv_caches, 0))  # block 0: the null block
+        """Learn the block layout (block 0, the null block, has it); with "auto", probe each
+        tier's load cost with one block (cost.py)."""
+        block = read_block(kv_caches, 0)
+        layout = self._layout = BlockLayout.of(block)
+        if self.restore != "auto":
+            return
+        key = os.urandom(32)  # a fresh key: no engine's block, no other engine's probe
+        payload = encode_block(block, key, self.params, self.secret)
+        self.costs.block_bytes = len(payload)
+
+        def decode(value: bytes) -> BlockData | None:
+            return decode_block(value, key, self.params, layout, self.secret)
+
+        for store in self.stores:
+            probe = probe_store(store, key, payload, decode)
+            if probe is not None:
+                self.costs.set_tier(store.name, probe.latency_s, probe.block_s)
+
+    def record_forward(self, num_tokens: int, num_decodes: int, seconds: float) -> None:
+        self.costs.observe_forward(num_tokens, num_decodes, seconds)
 
     def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
-        """The run of `block_hashes` the tiers hold and can read back, read now (staged)."""
+        """The leading blocks of `block_hashes` to load: of the run the tiers hold, those
+        `kv_restore` chooses (decided from the counts, before any read), read and checked now
+        (staged); an unreadable one ends the run there."""
         if self._layout is None:  # no pool yet: nothing to load into
             return 0
         candidates = self._candidates(block_hashes)
-        for index, (block_hash, store) in enumerate(candidates):
-            if block_hash in self._staged:
-                continue
-            data = self._read(store, block_hash, self._layout)
-            if data is None:
-                return index
-            self._staged[block_hash] = data
-        return len(candidates)
+        if not candidates:
+            return 0
+        run = _run_segments([store.name for _, store in candidates])
+        num_load = num_blocks_to_load(run, self.costs.table(), self.restore)
+        num_read = self._stage(candidates[:num_load], self._layout)
+        stats = self.restore_stats
+        stats.runs_loaded += int(num_read > 0)
+        stats.runs_recomputed += int(num_load == 0)
+        stats.blocks_loaded += num_read
+        stats.blocks_recomputed += len(candidates) - num_load
+        return num_read
+
+    def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        """How many of these blocks (counted by the last lookup) each tier supplies."""
+        return dict(Counter(self._staged[block_hash][1] for block_hash in block_hashes))
 
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """Keep the staged blocks this step loads; drop what lookups read beyond them."""
         staged, self._staged = self._staged, {}
-        self._to_load = {block.block_hash: staged[block.block_hash] for block in blocks}
+        self._to_load = {block.block_hash: staged[block.block_hash][0] for block in blocks}
 
     def load_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
         """Write each block read at lookup into its pool block."""
@@ -119,7 +184,20 @@ class TieredConnector(KVConnector):
                 extended = extended or num > 0
         return found
 
+    def _stage(self, run: Sequence[tuple[bytes, KVStore]], layout: BlockLayout) -> int:
+        """Read and check the blocks of `run` not staged yet; the readable leading count."""
+        for index, (block_hash, store) in enumerate(run):
+            if block_hash in self._staged:
+                continue
+            data = self._read(store, block_hash, layout)
+            if data is None:
+                return index
+            self._staged[block_hash] = (data, store.name)
+        return len(run)
+
     def _read(self, store: KVStore, block_hash: bytes, layout: BlockLayout) -> BlockData | None:
+        """One block from `store`, checked; its read + decode time updates the tier's cost."""
+        start = time.perf_counter()
         payload = store.get(block_hash)
         if payload is None:
             return None
@@ -127,4 +205,17 @@ class TieredConnector(KVConnector):
         if data is None:  # corrupt or foreign: drop it so the next save replaces it
             self.num_unreadable += 1
             store.remove(block_hash)
+        else:
+            self.costs.observe_load(store.name, len(payload), time.perf_counter() - start)
         return data
+
+
+def _run_segments(tiers: Sequence[str]) -> list[RunSegment]:
+    """Consecutive blocks of one tier, counted: cpu cpu disk cpu -> (cpu 2)(disk 1)(cpu 1)."""
+    run: list[RunSegment] = []
+    for tier in tiers:
+        if run and run[-1].tier == tier:
+            run[-1] = RunSegment(tier, run[-1].num_blocks + 1)
+        else:
+            run.append(RunSegment(tier, 1))
+    return run

@@ -51,6 +51,7 @@ def test_closing_an_llm_writes_its_disk_saves_and_stops_the_writer(
     llm.generate([{"prompt_token_ids": list(range(1, 51))}], params, use_tqdm=False)
     llm.close()
     assert len(list(tmp_path.rglob("*.kv"))) == 3  # the three full blocks of 50 tokens
-    assert [t.name for t in set(threading.enumerate()) - before] == []
+    new_threads = set(threading.enumerate()) - before
+    assert [t.name for t in new_threads if t.name == "kvserve-kv-writer"] == []
     disk = llm.get_metrics().kv_tiers["disk"]
     assert (disk.blocks_written, disk.dropped_writes) == (3, 0)

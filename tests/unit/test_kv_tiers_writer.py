@@ -126,6 +126,18 @@ def test_a_store_that_raises_is_counted_and_the_thread_goes_on(
     writer.close()
 
 
+def test_a_writer_dropped_without_close_stops_its_thread() -> None:
+    before = set(threading.enumerate())
+    writer = BackgroundWriter()
+    (thread,) = set(threading.enumerate()) - before
+    store = GatedStore(open_gate=True)
+    assert writer.submit(store, b"a", b"x")
+    del writer  # its finalizer stops the queue; the thread writes what is queued and ends
+    thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert store.written == [b"a"]
+
+
 def test_the_bound_is_checked() -> None:
     with pytest.raises(ValueError, match="^max_queued_bytes"):
         BackgroundWriter(max_queued_bytes=-1)

@@ -110,6 +110,11 @@ class LLM:
         """The engine's gauges and cumulative counters (prefix-cache hits, KV usage, ...)."""
         return self.engine.get_metrics()
 
+    def close(self) -> None:
+        """Finish the KV saves in flight (the background writer of the disk and remote
+        tiers) and release the tiers; the LLM is not used afterwards."""
+        self.engine.close()
+
     def generate_stream(
         self, prompt: PromptInput, sampling_params: SamplingParams | None = None
     ) -> Iterator[RequestOutput]:

@@ -75,6 +75,31 @@ class RequestOutput:
 
 
 @dataclass(frozen=True)
+class TierMetrics:
+    """Cumulative counters of one KV tier below the pool ("cpu", "disk", "redis").
+
+    A hit is one block read back from the tier at lookup, a miss one asked for and not there
+    (or unreadable). Writes count blocks the tier stored; `dropped_writes` those the background
+    writer never offered it (its queue was full); `rejected` values larger than the tier's
+    whole budget; `errors` I/O failures. Load latency is the time to read and decode one block
+    at lookup: its sum and count, and cumulative counts per bucket (upper bound in seconds).
+    """
+
+    hits: int
+    misses: int
+    bytes_read: int
+    blocks_written: int
+    bytes_written: int
+    evictions: int
+    errors: int
+    rejected: int
+    dropped_writes: int
+    load_seconds_sum: float
+    load_seconds_count: int
+    load_seconds_buckets: tuple[tuple[float, int], ...]  # (bound, loads <= bound), ascending
+
+
+@dataclass(frozen=True)
 class EngineMetrics:
     """A snapshot of the engine's gauges and cumulative counters (`LLM.get_metrics()`).
 
@@ -97,6 +122,11 @@ class EngineMetrics:
     prompt_tokens: int  # prompt tokens of admitted requests
     computed_prompt_tokens: int  # prompt tokens the model computed (cache misses, recomputes)
     generation_tokens: int
+    # KV tiers below the pool, by name in lookup order (empty without tiers), and the entries
+    # found in some tier but corrupt, truncated or foreign (read as misses).
+    kv_tiers: dict[str, TierMetrics] = field(default_factory=dict)
+    kv_tier_unreadable: int = 0
+    # (issue 17, other parts: restore-or-recompute decisions and swap-outs / swap-ins go here)
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -26,7 +26,7 @@ from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
-from kvserve.kv.kv_connector import KVConnector
+from kvserve.kv.kv_connector import ConnectorMetrics, KVConnector
 from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
 from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.outputs import EngineMetrics, RequestOutput
@@ -164,11 +164,25 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def flush_kv_saves(self, timeout: float | None = None) -> bool:
+        """Wait until the blocks saved so far are written to every tier (tests, benchmarks:
+        the slow tiers are written in the background). False when `timeout` passed first."""
+        return self.kv_connector is None or self.kv_connector.flush(timeout)
+
+    def close(self) -> None:
+        """Finish the KV saves ordered so far and release the connector (its writer thread,
+        files, connections); the engine is not stepped afterwards."""
+        if self.kv_connector is not None:
+            self.kv_connector.close()
+
     def get_metrics(self) -> EngineMetrics:
-        """Gauges and cumulative counters of the scheduler and the KV cache."""
+        """Gauges and cumulative counters of the scheduler, the KV cache and its tiers."""
         stats = self.scheduler.get_stats()
         manager = self.kv_cache_manager
         prefix = manager.prefix_cache_stats
+        tiers = ConnectorMetrics({}, 0)
+        if self.kv_connector is not None:
+            tiers = self.kv_connector.get_metrics()
         return EngineMetrics(
             num_requests_running=stats.num_running,
             num_requests_waiting=stats.num_waiting,
@@ -183,6 +197,8 @@ class Engine:
             prompt_tokens=stats.num_prompt_tokens,
             computed_prompt_tokens=stats.num_computed_prompt_tokens,
             generation_tokens=stats.num_generation_tokens,
+            kv_tiers=tiers.tiers,
+            kv_tier_unreadable=tiers.num_unreadable,
         )
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:

@@ -18,9 +18,18 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from kvserve.kv.kv_cache import KVCaches
 from kvserve.kv.kv_transfer import BlockTransfer
+from kvserve.outputs import TierMetrics
+
+
+class ConnectorMetrics(NamedTuple):
+    """A connector's counters for `Engine.get_metrics` (cumulative)."""
+
+    tiers: dict[str, TierMetrics]  # by tier name, in lookup order; empty: no tiers
+    num_unreadable: int  # entries found but corrupt, truncated or foreign (misses)
 
 
 class KVConnector(ABC):
@@ -64,9 +73,19 @@ class KVConnector(ABC):
         decodes) took `seconds`: the measured prefill cost a restore decision weighs."""
         return None  # a hook: connectors that weigh loads against prefill override it
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every save ordered so far is written (tests and benchmarks; a step
+        never waits). Returns False when `timeout` seconds passed first."""
+        return True  # a hook: connectors that write in the background override it
+
     def close(self) -> None:
-        """Release what the connector holds open (files, connections)."""
+        """Finish the saves ordered so far, then release what the connector holds open
+        (threads, files, connections)."""
         return None  # a hook: connectors with files or connections override it
+
+    def get_metrics(self) -> ConnectorMetrics:
+        """Counters since the connector was made (no side effects)."""
+        return ConnectorMetrics({}, 0)  # a hook: connectors that count override it
 
     # ---- worker half (the model runner) ----------------------------------------------------
 

@@ -120,10 +120,13 @@ class AsyncEngine:
                 self._submit(AbortRequest(request_id))
 
     def shutdown(self) -> None:
-        """Stop the loop thread after the current step."""
+        """Stop the loop thread after the current step, then close the engine (its KV
+        saves finish); a loop still stepping after 60 s leaves the engine open."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=60)
+        if not self._thread.is_alive():
+            self.engine.close()
 
     def _tokenize_and_validate(
         self, prompt: PromptInput, params: SamplingParams

@@ -10,6 +10,15 @@ is one source of truth; latency histograms are observed by the server as outputs
     kvserve:prompt_tokens_total, kvserve:generation_tokens_total   counters
     kvserve:time_to_first_token_seconds, kvserve:inter_token_latency_seconds,
     kvserve:e2e_request_latency_seconds          histograms
+
+With KV tiers below the pool, one family per counter with a `tier` label ("cpu", "disk",
+"redis"), from the same snapshot:
+
+    kvserve:kv_tier_hits_total / _misses_total / _bytes_read_total       blocks read at lookup
+    kvserve:kv_tier_blocks_written_total / _bytes_written_total
+    kvserve:kv_tier_evictions_total / _errors_total / _rejected_total / _dropped_writes_total
+    kvserve:kv_tier_load_seconds                 histogram: read + decode of one block
+    kvserve:kv_tier_unreadable_total             entries found but corrupt or foreign (no tier)
 """
 
 from __future__ import annotations
@@ -18,15 +27,32 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
-from kvserve.outputs import EngineMetrics, RequestOutput
+from kvserve.outputs import EngineMetrics, RequestOutput, TierMetrics
 
 PREFIX = "kvserve:"
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 _ITL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _E2E_BUCKETS = (0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
+# kvserve:kv_tier_<field>_total, one per TierMetrics counter: help
+_TIER_COUNTERS = {
+    "hits": "KV blocks read from the tier at lookup.",
+    "misses": "KV blocks looked for in the tier and not read.",
+    "bytes_read": "Bytes of KV blocks read from the tier.",
+    "blocks_written": "KV blocks written to the tier.",
+    "bytes_written": "Bytes of KV blocks written to the tier.",
+    "evictions": "KV blocks evicted from the tier to make room.",
+    "errors": "I/O errors reading or writing the tier.",
+    "rejected": "KV blocks larger than the tier's whole budget.",
+    "dropped_writes": "KV block writes dropped: the background writer's queue was full.",
+}
 
 
 class _EngineCollector(Collector):
@@ -59,6 +85,40 @@ class _EngineCollector(Collector):
             counter = CounterMetricFamily(PREFIX + name, doc, labels=list(self._labels))
             counter.add_metric(list(self._labels.values()), value)
             yield counter
+        if m.kv_tiers:
+            yield from self._tier_families(m)
+
+    def _tier_families(self, m: EngineMetrics) -> Iterator[Metric]:
+        """One family per tier counter, a sample per tier; the load latency histogram."""
+        labels = [*self._labels, "tier"]
+        values = list(self._labels.values())
+        for field, doc in _TIER_COUNTERS.items():
+            counter = CounterMetricFamily(PREFIX + "kv_tier_" + field, doc, labels=labels)
+            for tier, tier_metrics in m.kv_tiers.items():
+                counter.add_metric([*values, tier], getattr(tier_metrics, field))
+            yield counter
+        histogram = HistogramMetricFamily(
+            PREFIX + "kv_tier_load_seconds", "Time to read and decode one KV block at lookup.",
+            labels=labels,
+        )  # fmt: skip
+        for tier, tier_metrics in m.kv_tiers.items():
+            histogram.add_metric(
+                [*values, tier], _buckets(tier_metrics), sum_value=tier_metrics.load_seconds_sum
+            )
+        yield histogram
+        unreadable = CounterMetricFamily(
+            PREFIX + "kv_tier_unreadable",
+            "KV tier entries found but corrupt, truncated or foreign (read as misses).",
+            labels=list(self._labels),
+        )
+        unreadable.add_metric(values, m.kv_tier_unreadable)
+        yield unreadable
+
+
+def _buckets(tier: TierMetrics) -> list[tuple[str, float]]:
+    """Prometheus' cumulative buckets: each finite bound, then +Inf (every load)."""
+    finite = [(str(bound), float(count)) for bound, count in tier.load_seconds_buckets]
+    return [*finite, ("+Inf", float(tier.load_seconds_count))]
 
 
 class ServerMetrics:

@@ -46,7 +46,13 @@ def evicting_workload(engine: Engine) -> tuple[list[int], list[list[int]]]:
 
 
 def run_one_by_one(engine: Engine, prompts: list[list[int]]) -> list[RequestOutput]:
-    return [run_engine(engine, [prompt], PARAMS)[0] for prompt in prompts]
+    """Each prompt once the one before finished and its blocks reached every tier (the slow
+    tiers are written in the background: without the wait, a lookup may find them or not)."""
+    outputs = []
+    for prompt in prompts:
+        outputs.append(run_engine(engine, [prompt], PARAMS)[0])
+        assert engine.flush_kv_saves(timeout=60)
+    return outputs
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk", "both"])
@@ -71,6 +77,7 @@ def test_a_prefix_evicted_from_the_pool_is_restored_from_the_tier(
     tiered.scheduler.check_invariants()
     tiered.kv_connector.check_invariants()
     assert tiered.kv_cache_manager.num_used_blocks == 0
+    tiered.close()
 
 
 def test_the_disk_tier_serves_a_prefix_across_a_restart(llama: str, tmp_path: Path) -> None:
@@ -78,9 +85,10 @@ def test_the_disk_tier_serves_a_prefix_across_a_restart(llama: str, tmp_path: Pa
     first = make(llama, kv_disk_dir=directory)
     (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=7)
     want = run_engine(first, [prompt], PARAMS)
-    del first
+    first.close()  # writes what the background writer holds
     second = make(llama, kv_disk_dir=directory)  # a new process would find the same files
     got = run_engine(second, [prompt], PARAMS)
+    second.close()
     assert token_ids(got) == token_ids(want)
     assert_same_logprobs(got, want)
     assert got[0].num_cached_tokens == 48  # the three full blocks of 50 tokens
@@ -91,6 +99,7 @@ def test_corrupt_entries_on_disk_are_misses_never_wrong_tokens(llama: str, tmp_p
     first = make(llama, kv_disk_dir=str(directory))
     (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=8)
     want = run_engine(first, [prompt], PARAMS)
+    first.close()
     files = sorted(p for p in directory.rglob("*") if p.is_file())
     assert len(files) == 3
     for path in files:  # flip one byte in the middle of every entry
@@ -104,6 +113,7 @@ def test_corrupt_entries_on_disk_are_misses_never_wrong_tokens(llama: str, tmp_p
     assert isinstance(second.kv_connector, TieredConnector)
     assert second.kv_connector.num_unreadable == 1  # the first block ends the chain
     assert second.kv_cache_manager.num_used_blocks == 0
+    second.close()
 
 
 @pytest.mark.parametrize(

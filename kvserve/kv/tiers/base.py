@@ -9,6 +9,11 @@ so a lookup walks a request's hash chain and stops at the first key it lacks:
 
 Stores never raise for I/O: a value that cannot be read is a miss, one that cannot be written
 is a refused put; both are counted in `stats`, which the engine's metrics read.
+
+Threads: a store is used by two threads at once, the engine thread (lookups, inline puts) and
+the background writer's thread (puts of stores with `inline_writes` False, writer.py). Every
+method must be safe under that (cpu.py and disk.py hold a lock around their index), and a get
+must never return a half-written value (a put replaces a value whole, or not at all).
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ class TierStats:
 
     Every `get` counts one hit or one miss; `errors` counts I/O failures besides (a failed get
     is also a miss, a failed put also returns False); `rejected` counts values larger than the
-    whole budget; `evictions` counts entries dropped to make room.
+    whole budget; `evictions` counts entries dropped to make room. The background writer
+    counts `dropped_writes` (its queue was full: the block was never offered to the store) and
+    `failed_writes` (a put that raised, against the contract). Each counter has one writing
+    thread, or is written under the store's lock.
     """
 
     hits: int = 0  # each hit is one value read
@@ -36,6 +44,8 @@ class TierStats:
     evictions: int = 0
     errors: int = 0
     rejected: int = 0
+    dropped_writes: int = 0  # engine thread only (BackgroundWriter.submit)
+    failed_writes: int = 0  # writer thread only
 
     def record_hit(self, num_bytes: int) -> None:
         self.hits += 1
@@ -54,6 +64,10 @@ class KVStore(ABC):
     """
 
     name: ClassVar[str]  # "cpu", "disk", "redis": the tier's label in metrics
+    # True: `put` is a memory copy, done in the step; False (a store does I/O unless it says
+    # otherwise): the tier chain hands `put` to the background writer (writer.py), which
+    # drops it when its queue is full.
+    inline_writes: ClassVar[bool] = False
     stats: TierStats  # set in __init__
 
     @abstractmethod

@@ -20,6 +20,7 @@ class CPUStore(KVStore):
     """Blocks in host memory, least recently used evicted first, within a byte budget."""
 
     name: ClassVar[str] = "cpu"
+    inline_writes: ClassVar[bool] = True
 
     def __init__(self, capacity_bytes: int) -> None:
         """

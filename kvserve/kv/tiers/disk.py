@@ -39,6 +39,7 @@ class DiskStore(KVStore):
     """Blocks as files under one directory, oldest files evicted first, within a byte budget."""
 
     name: ClassVar[str] = "disk"
+    inline_writes: ClassVar[bool] = False
 
     def __init__(self, directory: str | Path, capacity_bytes: int) -> None:
         """Open (or create) the directory and index the blocks already in it.
@@ -119,13 +120,16 @@ class DiskStore(KVStore):
             return value
 
     def put(self, key: bytes, value: bytes) -> bool:
-        with self._lock:
-            if len(value) > self.capacity_bytes:
+        """Write a temporary file without the lock (a lookup need not wait for the bytes),
+        then, under the lock, make room and rename it into place. While it is written, the
+        directory holds up to one value more than the budget."""
+        if len(value) > self.capacity_bytes:
+            with self._lock:
                 self.stats.rejected += 1
-                return False
-            self._forget(key)
-            self._evict_until(len(value))
-            if not self._write(self.path_of(key), value):
+            return False
+        tmp = self._write_tmp(self.path_of(key), value)
+        with self._lock:
+            if tmp is None or not self._move_into_place(tmp, key, len(value)):
                 self.stats.errors += 1
                 return False
             self._remember(key, len(value))
@@ -144,13 +148,26 @@ class DiskStore(KVStore):
 
     # ---- internals (called with the lock held, or from __init__) --------------------------
 
-    def _write(self, path: Path, value: bytes) -> bool:
-        """Write to a temporary name beside `path`, then rename over it; False on OSError."""
+    def _write_tmp(self, path: Path, value: bytes) -> Path | None:
+        """`value` in a new temporary file beside `path` (unique to this write); None on
+        OSError. Needs no lock: no other write uses the name, no reader looks at it."""
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}{TMP_SUFFIX}")
         try:
             path.parent.mkdir(exist_ok=True)
             tmp.write_bytes(value)
-            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            return None
+        return tmp
+
+    def _move_into_place(self, tmp: Path, key: bytes, size: int) -> bool:
+        """Make room for `size` bytes and rename `tmp` over `key`'s file (atomic: a reader
+        sees the old file or the new one); False on OSError."""
+        self._forget(key)
+        self._evict_until(size)
+        try:
+            os.replace(tmp, self.path_of(key))
         except OSError:
             self._unlink(tmp)
             return False

@@ -14,9 +14,11 @@ until the step's loads are decided, `prepare_loads`), so the step's loads can no
     read + decode the blocks to load now (staged); an unreadable entry ends the run there
 
 `load_blocks` writes the staged blocks into the pool before the forward; `save_blocks` writes
-every newly computed full block through to every tier after the forward (synchronously, for
-now). A corrupt, truncated, foreign or missing entry is a miss, never an exception in a request
-and never a wrong token: `decode_block` checks the header, the key and the checksum.
+every newly computed full block through to every tier after the forward: into the CPU tier in
+the step (a memory copy), into the slow tiers (disk, Redis) through a bounded background
+writer (writer.py) that drops a write when its queue is full. A corrupt, truncated, foreign
+or missing entry is a miss, never an exception in a request and never a wrong token:
+`decode_block` checks the header, the key and the checksum.
 """
 
 from __future__ import annotations
@@ -30,12 +32,14 @@ from dataclasses import dataclass
 from kvserve.config import KV_RESTORE_MODES
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache import BlockData, KVCaches, read_block, write_block
-from kvserve.kv.kv_connector import KVConnector
+from kvserve.kv.kv_connector import ConnectorMetrics, KVConnector
 from kvserve.kv.kv_transfer import BlockTransfer
 from kvserve.kv.tiers.base import KVStore
 from kvserve.kv.tiers.cost import RestoreCostModel, probe_store
+from kvserve.kv.tiers.metrics import LatencyHistogram, tier_metrics
 from kvserve.kv.tiers.restore_policy import RunSegment, num_blocks_to_load
 from kvserve.kv.tiers.serde import BlockLayout, decode_block, encode_block
+from kvserve.kv.tiers.writer import DEFAULT_MAX_QUEUED_BYTES, BackgroundWriter
 
 
 @dataclass
@@ -64,9 +68,12 @@ class TieredConnector(KVConnector):
         secret: signs entries (HMAC) instead of a plain checksum.
         restore: `kv_restore`: "auto" (load what is predicted cheaper than computing it, by
             the measured `costs`), "always" or "never".
+        max_queued_bytes: the background writer's bound (writer.py); it runs only when some
+            store does I/O on put (`inline_writes` False).
 
     Raises:
-        ValueError: no stores, or an unknown restore mode (the message names the argument).
+        ValueError: no stores, an unknown restore mode (the message names the argument), or
+            `max_queued_bytes` negative.
     """
 
     def __init__(
@@ -75,6 +82,7 @@ class TieredConnector(KVConnector):
         params: BlockHashParams,
         secret: bytes | None = None,
         restore: str = "auto",
+        max_queued_bytes: int = DEFAULT_MAX_QUEUED_BYTES,
     ) -> None:
         if not stores:
             raise ValueError("stores: a tier chain needs at least one store")
@@ -87,6 +95,9 @@ class TieredConnector(KVConnector):
         self.costs = RestoreCostModel(params.block_size)  # probed at register_kv_caches
         self.restore_stats = RestoreStats()
         self.num_unreadable = 0  # entries found but corrupt, truncated or foreign (misses)
+        self._load_seconds = {store.name: LatencyHistogram() for store in self.stores}
+        slow = any(not store.inline_writes for store in self.stores)
+        self._writer = BackgroundWriter(max_queued_bytes) if slow else None
         self._layout: BlockLayout | None = None  # the pool's block layout (register_kv_caches)
         # Blocks read and checked at lookup (with their tier), until the step's loads are
         # decided.
@@ -154,16 +165,36 @@ class TieredConnector(KVConnector):
             write_block(kv_caches, block_id, to_load[block_hash])
 
     def save_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
-        """Encode each block once and put it into every tier (a full tier evicts LRU)."""
+        """Encode each block once, now (its pool block may be reused after this step), and
+        put it into every tier: inline where a put is a memory copy, else through the
+        background writer, which drops it when full (a full tier evicts LRU)."""
         for block_id, block_hash in blocks:
             data = read_block(kv_caches, block_id)
             payload = encode_block(data, block_hash, self.params, self.secret)
             for store in self.stores:
-                store.put(block_hash, payload)
+                if self._writer is None or store.inline_writes:
+                    store.put(block_hash, payload)
+                else:
+                    self._writer.submit(store, block_hash, payload)
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the background writer has written every block saved so far."""
+        return self._writer is None or self._writer.flush(timeout)
 
     def close(self) -> None:
+        """Write what the background writer holds, stop its thread, then close the stores."""
+        if self._writer is not None:
+            self._writer.close()
         for store in self.stores:
             store.close()
+
+    def get_metrics(self) -> ConnectorMetrics:
+        """Each tier's counters and load latency, and the unreadable entries found."""
+        tiers = {
+            store.name: tier_metrics(store.stats, self._load_seconds[store.name])
+            for store in self.stores
+        }
+        return ConnectorMetrics(tiers, self.num_unreadable)
 
     def check_invariants(self) -> None:
         for store in self.stores:
@@ -205,8 +236,10 @@ class TieredConnector(KVConnector):
         if data is None:  # corrupt or foreign: drop it so the next save replaces it
             self.num_unreadable += 1
             store.remove(block_hash)
-        else:
-            self.costs.observe_load(store.name, len(payload), time.perf_counter() - start)
+            return None
+        seconds = time.perf_counter() - start  # read + decode
+        self._load_seconds[store.name].observe(seconds)
+        self.costs.observe_load(store.name, len(payload), seconds)
         return data
 
 

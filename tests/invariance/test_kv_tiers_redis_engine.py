@@ -85,6 +85,7 @@ def test_two_engine_processes_share_one_redis(llama: str, redis_url: str) -> Non
     (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=7)
     want = run_engine(first, [prompt], PARAMS)
     assert want[0].num_cached_tokens == 0
+    assert first.flush_kv_saves(timeout=60)  # Redis is written in the background
     config = dict(ENGINE_ARGS, model=str(llama), kv_remote_url=redis_url)
     result = subprocess.run(
         [sys.executable, "-c", SECOND_ENGINE, json.dumps(config), json.dumps(prompt)],
@@ -107,6 +108,7 @@ def run_killing_redis_after_one_step(
     while engine.has_unfinished_requests():
         outputs += [output for output in engine.step() if output.finished]
         engine.scheduler.check_invariants()
+        assert engine.flush_kv_saves(timeout=60)  # one failure at a time: counts are exact
         server.kill()  # the first time kills it; then a no-op
     assert_no_blocks_held(engine)
     (output,) = outputs
@@ -165,12 +167,14 @@ def test_tampered_entries_in_redis_are_misses_never_wrong_tokens(
     first = make(llama, kv_remote_url=redis_server.url)
     (prompt,) = random_prompts(first.model_config.vocab_size, [50], seed=8)
     want = run_engine(first, [prompt], PARAMS)
+    assert first.flush_kv_saves(timeout=60)
     store = redis_of(first)
     keys = [store.redis_key(h) for h in first.block_hash_params.block_hashes(prompt)]
     assert sorted(redis_server.client().keys("*")) == sorted(keys)  # three full blocks
     tamper(redis_server.client(), keys, how)
     second = make(llama, kv_remote_url=redis_server.url)
     got = run_engine(second, [prompt], PARAMS)
+    assert second.flush_kv_saves(timeout=60)
     assert token_ids(got) == token_ids(want)
     assert_same_logprobs(got, want)
     assert got[0].num_cached_tokens == 0
@@ -184,6 +188,7 @@ def test_a_wrong_secret_reads_entries_as_misses(llama: str, redis_url: str) -> N
     writer = make(llama, kv_remote_url=redis_url, kv_remote_secret="x")
     (prompt,) = random_prompts(writer.model_config.vocab_size, [50], seed=9)
     want = run_engine(writer, [prompt], PARAMS)
+    assert writer.flush_kv_saves(timeout=60)
     same = make(llama, kv_remote_url=redis_url, kv_remote_secret="x")
     assert run_engine(same, [prompt], PARAMS)[0].num_cached_tokens == 48
     for secret in ("y", None):

@@ -95,6 +95,7 @@ def saved_chain(restore: str, tmp_path: Path) -> tuple[TieredConnector, CPUStore
         saver = TieredConnector([store], PARAMS, restore="always")
         saver.register_kv_caches(kv)
         saver.save_blocks(kv, [BlockTransfer(i, HASHES[i - 1]) for i in ids])
+        assert saver.flush(timeout=30)  # the disk writes run in the background: wait for them
     connector = TieredConnector([cpu, disk], PARAMS, restore=restore)
     connector.register_kv_caches(kv)
     return connector, cpu, disk

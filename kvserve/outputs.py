@@ -92,6 +92,11 @@ class EngineMetrics:
     prompt_tokens: int  # prompt tokens of admitted requests
     computed_prompt_tokens: int  # prompt tokens the model computed (cache misses, recomputes)
     generation_tokens: int
+    # Preemption costs (engine/preemption.py): blocks saved to a tier at preemption (swap),
+    # blocks loaded back on resume, tokens computed again after a preemption (both modes).
+    num_swapped_out_blocks: int = 0
+    num_swapped_in_blocks: int = 0
+    num_preempted_recomputed_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -183,6 +183,9 @@ class Engine:
             prompt_tokens=stats.num_prompt_tokens,
             computed_prompt_tokens=stats.num_computed_prompt_tokens,
             generation_tokens=stats.num_generation_tokens,
+            num_swapped_out_blocks=stats.num_swapped_out_blocks,
+            num_swapped_in_blocks=stats.num_swapped_in_blocks,
+            num_preempted_recomputed_tokens=stats.num_preempted_recomputed_tokens,
         )
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:

@@ -77,6 +77,10 @@ class TieredConnector(KVConnector):
             self._staged[block_hash] = data
         return len(candidates)
 
+    def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        """The run of `block_hashes` some tier holds (existence queries only, nothing read)."""
+        return len(self._candidates(block_hashes))
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """Keep the staged blocks this step loads; drop what lookups read beyond them."""
         staged, self._staged = self._staged, {}

@@ -24,7 +24,7 @@ loaded back on resume, and tokens computed again.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_transfer import BlockTransfer
@@ -39,11 +39,45 @@ class PreemptionStats(NamedTuple):
     num_recomputed_tokens: int  # tokens computed before a preemption and again after it
 
 
+class PreemptionStrategy(Protocol):
+    """Releases a preempted request's KV blocks so that admission can resume it later, and
+    counts what that cost."""
+
+    @property
+    def stats(self) -> PreemptionStats: ...
+
+    def preempt(self, request: Request) -> None:
+        """Take the request's blocks out of the pool and reset its progress.
+
+        Called once the scheduler has removed `request` from `running`; afterwards the
+        request holds no block and `num_computed_tokens` is 0 (admission sets it again from
+        what `get_computed_blocks` finds).
+        """
+        ...
+
+    def resume(self, request: Request, num_hit_tokens: int, num_loaded_blocks: int) -> None:
+        """A request was admitted with `num_hit_tokens` found (`num_loaded_blocks` of them
+        from a tier); if it was a victim, count what it computes again. A no-op otherwise."""
+        ...
+
+    def forget(self, request_id: str) -> None:
+        """The request ended (finished or aborted); a no-op if it was not a waiting victim."""
+        ...
+
+    def take_blocks_to_swap_out(self) -> list[BlockTransfer]:
+        """Blocks to save before the next step's loads and forward; clears them."""
+        ...
+
+    def check_invariants(self, waiting_ids: set[str]) -> None:
+        """Raise AssertionError unless every victim still counted is waiting."""
+        ...
+
+
 class RecomputePreemption:
     """Drop the victim's K/V; it is recomputed (or hit in the prefix cache) on resume.
 
-    Also the ledger of both modes: what each waiting victim had computed, so that its
-    resume can count the tokens computed again.
+    Keeps what each waiting victim had computed, so that its resume can count the tokens
+    computed again (`SwapPreemption` extends it).
     """
 
     def __init__(self, kv_cache_manager: KVCacheManager) -> None:
@@ -61,19 +95,11 @@ class RecomputePreemption:
         )
 
     def preempt(self, request: Request) -> None:
-        """Take the request's blocks out of the pool and reset its progress.
-
-        Called once the scheduler has removed `request` from `running`; afterwards the
-        request holds no block and `num_computed_tokens` is 0 (admission sets it again from
-        what `get_computed_blocks` finds).
-        """
         self._num_lost_tokens[request.request_id] = request.num_computed_tokens
         self._release(request)
         request.num_computed_tokens = 0
 
     def resume(self, request: Request, num_hit_tokens: int, num_loaded_blocks: int) -> None:
-        """A request was admitted with `num_hit_tokens` found (`num_loaded_blocks` of them
-        from a tier); if it was a victim, count what it computes again. A no-op otherwise."""
         num_lost = self._num_lost_tokens.pop(request.request_id, None)
         if num_lost is None:
             return
@@ -81,16 +107,13 @@ class RecomputePreemption:
         self.num_recomputed_tokens += max(0, num_lost - num_hit_tokens)
 
     def forget(self, request_id: str) -> None:
-        """The request ended (finished or aborted); a no-op if it was not a waiting victim."""
         self._num_lost_tokens.pop(request_id, None)
 
     def take_blocks_to_swap_out(self) -> list[BlockTransfer]:
-        """Blocks to save before the next step's loads and forward; clears them."""
         blocks, self._blocks_to_swap_out = self._blocks_to_swap_out, []
         return blocks
 
     def check_invariants(self, waiting_ids: set[str]) -> None:
-        """Raise AssertionError unless every victim in the ledger is waiting."""
         if not set(self._num_lost_tokens) <= waiting_ids:
             raise AssertionError("a preempted request in the ledger is not waiting")
 
@@ -120,7 +143,7 @@ class SwapPreemption(RecomputePreemption):
         self.kv_cache_manager.free(request)
 
 
-def make_preemption_strategy(mode: str, kv_cache_manager: KVCacheManager) -> RecomputePreemption:
+def make_preemption_strategy(mode: str, kv_cache_manager: KVCacheManager) -> PreemptionStrategy:
     """The strategy of `preemption_mode`.
 
     Raises:

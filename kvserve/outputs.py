@@ -126,7 +126,11 @@ class EngineMetrics:
     # found in some tier but corrupt, truncated or foreign (read as misses).
     kv_tiers: dict[str, TierMetrics] = field(default_factory=dict)
     kv_tier_unreadable: int = 0
-    # (issue 17, other parts: restore-or-recompute decisions and swap-outs / swap-ins go here)
+    # Preemption costs (engine/preemption.py): blocks saved to a tier at preemption (swap),
+    # blocks loaded back on resume, tokens computed again after a preemption (both modes).
+    num_swapped_out_blocks: int = 0
+    num_swapped_in_blocks: int = 0
+    num_preempted_recomputed_tokens: int = 0
 
     @property
     def prefix_cache_hit_rate(self) -> float:

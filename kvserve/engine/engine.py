@@ -199,6 +199,9 @@ class Engine:
             generation_tokens=stats.num_generation_tokens,
             kv_tiers=tiers.tiers,
             kv_tier_unreadable=tiers.num_unreadable,
+            num_swapped_out_blocks=stats.num_swapped_out_blocks,
+            num_swapped_in_blocks=stats.num_swapped_in_blocks,
+            num_preempted_recomputed_tokens=stats.num_preempted_recomputed_tokens,
         )
 
     def tokenize(self, prompt: PromptInput | TokenizedPrompt) -> TokenizedPrompt:

@@ -114,12 +114,16 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        """Run one step: blocks to load, copy-on-write copies, forward, blocks to save, logits
-        of sampled rows, sampling, and the logprobs of the prompt positions the scheduler
-        named (prompt_logprobs.py). Loads and saves go through the connector; empty orders
-        (always, without a tier) skip it. The forward's time goes to the connector too."""
+        """Run one step: blocks to swap out, blocks to load, copy-on-write copies, forward,
+        blocks to save, logits of sampled rows, sampling, and the logprobs of the prompt
+        positions the scheduler named (prompt_logprobs.py). Swap-outs, loads and saves go
+        through the connector; empty orders (always, without a tier) skip it. Swap-outs come
+        first: their blocks were freed while scheduling and may be loaded into, copied into
+        or written by this step. The forward's time goes to the connector too."""
         kv_caches = self.kv_caches
         if kv_caches is not None:
+            if scheduler_output.blocks_to_swap_out:
+                self.connector.save_blocks(kv_caches, scheduler_output.blocks_to_swap_out)
             if scheduler_output.blocks_to_load:
                 self.connector.load_blocks(kv_caches, scheduler_output.blocks_to_load)
             copy_blocks(kv_caches, scheduler_output.block_copies)

@@ -138,6 +138,7 @@ class RequestQueues:
         for child in reversed(self.forks.take_orphans(request)):
             self.waiting.prepend(child)
         request.status = status
+        self.preemption.forget(request.request_id)
         self.kv_cache_manager.free(request)
         del self.requests[request.request_id]
 

@@ -52,6 +52,9 @@ class SchedulerStats(NamedTuple):
     num_prompt_tokens: int  # prompt tokens of every admitted request, counted once
     num_computed_prompt_tokens: int  # prompt positions computed (misses, recomputes)
     num_generation_tokens: int  # tokens sampled
+    num_swapped_out_blocks: int  # preempted requests' blocks saved to a tier (swap)
+    num_swapped_in_blocks: int  # resumed requests' blocks loaded from a tier
+    num_preempted_recomputed_tokens: int  # tokens computed again after a preemption
 
 
 class Scheduler(RequestQueues):
@@ -92,6 +95,7 @@ class Scheduler(RequestQueues):
             self._finish(request, status)
 
     def get_stats(self) -> SchedulerStats:
+        preemption = self.preemption.stats
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
@@ -100,6 +104,9 @@ class Scheduler(RequestQueues):
             num_prompt_tokens=self.num_prompt_tokens,
             num_computed_prompt_tokens=self.num_computed_prompt_tokens,
             num_generation_tokens=self.num_generation_tokens,
+            num_swapped_out_blocks=preemption.num_swapped_out_blocks,
+            num_swapped_in_blocks=preemption.num_swapped_in_blocks,
+            num_preempted_recomputed_tokens=preemption.num_recomputed_tokens,
         )
 
     # ---- one step ----------------------------------------------------------------------
@@ -119,6 +126,7 @@ class Scheduler(RequestQueues):
         manager = self.kv_cache_manager
         output = SchedulerOutput(
             scheduled=scheduled,
+            blocks_to_swap_out=self.preemption.take_blocks_to_swap_out(),
             blocks_to_load=manager.take_blocks_to_load(),
             block_copies=manager.take_block_copies(),
             blocks_to_save=manager.take_blocks_to_save(),
@@ -191,6 +199,7 @@ class Scheduler(RequestQueues):
         if self.kv_cache_manager.allocate_slots(request, num_new, hit_blocks) is None:
             return None
         self.waiting.admit(request)
+        self.preemption.resume(request, num_hit_tokens, len(hit_blocks.external_hashes))
         request.num_computed_tokens = num_hit_tokens
         if request.num_cached_tokens < 0:
             request.num_cached_tokens = num_hit_tokens
@@ -294,5 +303,6 @@ class Scheduler(RequestQueues):
     def check_invariants(self) -> None:
         """Request lists agree with each other and with the KV cache manager."""
         super().check_invariants()
+        self.preemption.check_invariants({r.request_id for r in self.waiting})
         self.structured_output.check_invariants(set(self.requests))
         self.kv_cache_manager.check_invariants()

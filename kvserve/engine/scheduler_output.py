@@ -80,15 +80,18 @@ class SchedulerOutput:
 
     KV moves, in the order the runner carries them out:
 
-        blocks_to_load (connector)  ->  block_copies  ->  forward  ->  blocks_to_save (connector)
+        blocks_to_swap_out -> blocks_to_load -> block_copies -> forward -> blocks_to_save
 
-    `blocks_to_load` are (block_id, block_hash) of fresh blocks to fill from the connector (a
-    prefix hit beyond the pool); `block_copies` are (src, dst) block ids (copy-on-write of a
-    shared block); `blocks_to_save` are (block_id, block_hash) of full blocks this forward
-    writes, for the connector to keep (empty unless it saves).
+    `blocks_to_swap_out` are (block_id, block_hash) of a preempted request's full blocks,
+    freed while scheduling this step, for the connector to keep before anything overwrites
+    them (swap preemption); `blocks_to_load` are (block_id, block_hash) of fresh blocks to
+    fill from the connector (a prefix hit beyond the pool); `block_copies` are (src, dst)
+    block ids (copy-on-write of a shared block); `blocks_to_save` are (block_id, block_hash)
+    of full blocks this forward writes, for the connector to keep (empty unless it saves).
     """
 
     scheduled: list[ScheduledRequest] = field(default_factory=list)
+    blocks_to_swap_out: list[BlockTransfer] = field(default_factory=list)
     blocks_to_load: list[BlockTransfer] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
     blocks_to_save: list[BlockTransfer] = field(default_factory=list)

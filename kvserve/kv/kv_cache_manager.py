@@ -87,9 +87,8 @@ class KVCacheManager:
         self.window = SlidingWindow(windowed, block_size, self.pool)
         self.num_reserved_blocks = -(-max_model_len // block_size)
         self._tables: dict[str, list[KVBlock]] = {}
-        self.prefix_cache = PrefixCache(
-            self.pool, self.enable_prefix_caching, connector if self.caches_kv else None
-        )
+        self.connector = connector if self.caches_kv else None
+        self.prefix_cache = PrefixCache(self.pool, self.enable_prefix_caching, self.connector)
         self._copy_on_write = CopyOnWrite(block_size, self.pool)
 
     @property
@@ -229,6 +228,26 @@ class KVCacheManager:
     def take_events(self) -> list[KVEvent]:
         """The pool's stored / removed events since the last call (see `kv_events`)."""
         return self.pool.take_events()
+
+    def get_blocks_to_swap_out(self, request: Request) -> list[BlockTransfer]:
+        """The request's computed full blocks the connector does not hold yet. No side effects.
+
+        Swap preemption saves these before freeing them; the partial last block is left out
+        (it has no hash: it is recomputed on resume). The connector's leading run is skipped:
+
+            table     [ b0 b1 b2 b3 | b4 (partial) ]    num_computed_tokens // block_size = 4
+            held         b0 b1                          -> save (b2, h2), (b3, h3)
+
+        Returns [] without a connector or with a sliding window (whose dropped blocks are
+        null, and whose hits never reach the connector).
+        """
+        table = self._tables.get(request.request_id, [])
+        hashes = request.block_hashes
+        num_full = min(len(table), len(hashes), request.num_computed_tokens // self.block_size)
+        if self.connector is None or self.window.window is not None or num_full == 0:
+            return []
+        num_held = self.connector.num_held_blocks(hashes[:num_full])
+        return [BlockTransfer(table[i].block_id, hashes[i]) for i in range(num_held, num_full)]
 
     def free(self, request: Request) -> None:
         """Release all the request's blocks and forget it; a no-op for an unknown request.

@@ -4,7 +4,8 @@ The scheduler half answers while scheduling (the KV cache manager asks it): how 
 after a prefix hit it can load, and whether newly written blocks should be saved. The worker
 half runs inside `ModelRunner.execute`, carrying out the step's orders:
 
-    execute(out):  load_blocks(out.blocks_to_load)   fill fresh blocks (before anything reads)
+    execute(out):  save_blocks(out.blocks_to_swap_out)  a preempted request's blocks (swap)
+                   load_blocks(out.blocks_to_load)   fill fresh blocks (before anything reads)
                    copy_blocks(out.block_copies)     copy-on-write
                    forward                           writes this step's K/V
                    save_blocks(out.blocks_to_save)   copy full blocks out (after they are written)
@@ -57,6 +58,15 @@ class KVConnector(ABC):
         No side effects. A connector with one place outside the pool keeps this default."""
         return {"external": len(block_hashes)} if block_hashes else {}
 
+    def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `block_hashes` (a hash chain) this connector holds now.
+
+        For swap preemption: the blocks after that run are saved before they are freed.
+        Unlike `num_external_hit_blocks` it reads nothing and changes nothing; a block held
+        now may still be evicted (or be unreadable) by the time it is looked up.
+        """
+        return 0  # a connector that cannot tell holds nothing: every block is saved
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """The step's loads, once per schedule (possibly empty), before `load_blocks`; what
         the lookups found beyond them can be let go."""
@@ -99,7 +109,13 @@ class KVConnector(ABC):
 
     @abstractmethod
     def save_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
-        """Keep the K/V of each block_id under its hash; called after the forward wrote them."""
+        """Keep the K/V of each block_id under its hash.
+
+        Called after the forward wrote them (`blocks_to_save`), and before the forward for a
+        preempted request's blocks (`blocks_to_swap_out`): the forward may overwrite those,
+        so every block must be read out of the pool before this returns (writing the bytes
+        on to a slow tier may finish later).
+        """
 
 
 class NoKVConnector(KVConnector):

@@ -7,6 +7,8 @@ connector (kv/kv_connector.py) moves the bytes:
                -> blocks_to_load:  fresh blocks to fill before the forward
                newly written full blocks (only when the connector saves)
                -> blocks_to_save:  blocks to copy out after the forward
+               a preempted request's full blocks the connector lacks (swap preemption)
+               -> blocks_to_swap_out:  blocks to copy out before the forward
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ class ExternalBlocks(Protocol):
 
     def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Blocks per place (tier name) of a run `num_external_hit_blocks` just counted."""
+    def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        """How many leading blocks of `block_hashes` are held now (reads nothing)."""
         ...
 
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:

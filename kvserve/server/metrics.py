@@ -7,6 +7,8 @@ is one source of truth; latency histograms are observed by the server as outputs
     kvserve:kv_cache_usage_perc                  gauge, fraction of KV blocks in use (0..1)
     kvserve:prefix_cache_queries_total / _hits_total   counters, tokens
     kvserve:num_preemptions_total                counter
+    kvserve:num_swapped_out_blocks_total / _swapped_in_blocks_total   counters, blocks
+    kvserve:num_preempted_recomputed_tokens_total   counter, tokens
     kvserve:prompt_tokens_total, kvserve:generation_tokens_total   counters
     kvserve:time_to_first_token_seconds, kvserve:inter_token_latency_seconds,
     kvserve:e2e_request_latency_seconds          histograms
@@ -78,6 +80,18 @@ class _EngineCollector(Collector):
             "prefix_cache_queries": ("Prefix-cache queries, in tokens.", m.prefix_cache_queries),
             "prefix_cache_hits": ("Prefix-cache hits, in tokens.", m.prefix_cache_hits),
             "num_preemptions": ("Cumulative preemptions.", m.num_preemptions),
+            "num_swapped_out_blocks": (
+                "Preempted requests' KV blocks saved to a tier.",
+                m.num_swapped_out_blocks,
+            ),
+            "num_swapped_in_blocks": (
+                "Resumed requests' KV blocks loaded from a tier.",
+                m.num_swapped_in_blocks,
+            ),
+            "num_preempted_recomputed_tokens": (
+                "Tokens computed again after a preemption.",
+                m.num_preempted_recomputed_tokens,
+            ),
             "prompt_tokens": ("Prompt tokens admitted.", m.prompt_tokens),
             "generation_tokens": ("Generated tokens.", m.generation_tokens),
         }

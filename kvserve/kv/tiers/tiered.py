@@ -153,6 +153,10 @@ class TieredConnector(KVConnector):
         """How many of these blocks (counted by the last lookup) each tier supplies."""
         return dict(Counter(self._staged[block_hash][1] for block_hash in block_hashes))
 
+    def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
+        """The run of `block_hashes` some tier holds (existence queries only, nothing read)."""
+        return len(self._candidates(block_hashes))
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         """Keep the staged blocks this step loads; drop what lookups read beyond them."""
         staged, self._staged = self._staged, {}

@@ -126,6 +126,11 @@ class EngineMetrics:
     # found in some tier but corrupt, truncated or foreign (read as misses).
     kv_tiers: dict[str, TierMetrics] = field(default_factory=dict)
     kv_tier_unreadable: int = 0
+    # Restore-or-recompute decisions (`kv_restore`), one per lookup that found a run in the
+    # tiers (a request waiting several steps is decided each step): runs and their blocks,
+    # by decision ("load", "recompute"); empty without tiers.
+    kv_restore_runs: dict[str, int] = field(default_factory=dict)
+    kv_restore_blocks: dict[str, int] = field(default_factory=dict)
     # Preemption costs (engine/preemption.py): blocks saved to a tier at preemption (swap),
     # blocks loaded back on resume, tokens computed again after a preemption (both modes).
     num_swapped_out_blocks: int = 0

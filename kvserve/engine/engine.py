@@ -180,7 +180,7 @@ class Engine:
         stats = self.scheduler.get_stats()
         manager = self.kv_cache_manager
         prefix = manager.prefix_cache_stats
-        tiers = ConnectorMetrics({}, 0)
+        tiers = ConnectorMetrics({}, 0, {}, {})
         if self.kv_connector is not None:
             tiers = self.kv_connector.get_metrics()
         return EngineMetrics(
@@ -199,6 +199,8 @@ class Engine:
             generation_tokens=stats.num_generation_tokens,
             kv_tiers=tiers.tiers,
             kv_tier_unreadable=tiers.num_unreadable,
+            kv_restore_runs=tiers.restore_runs,
+            kv_restore_blocks=tiers.restore_blocks,
             num_swapped_out_blocks=stats.num_swapped_out_blocks,
             num_swapped_in_blocks=stats.num_swapped_in_blocks,
             num_preempted_recomputed_tokens=stats.num_preempted_recomputed_tokens,

@@ -31,6 +31,10 @@ class ConnectorMetrics(NamedTuple):
 
     tiers: dict[str, TierMetrics]  # by tier name, in lookup order; empty: no tiers
     num_unreadable: int  # entries found but corrupt, truncated or foreign (misses)
+    # restore-or-recompute decisions (`kv_restore`), one per lookup that found a run:
+    # {"load": runs, "recompute": runs} and the blocks of those runs, the same way
+    restore_runs: dict[str, int]
+    restore_blocks: dict[str, int]
 
 
 class KVConnector(ABC):
@@ -95,7 +99,7 @@ class KVConnector(ABC):
 
     def get_metrics(self) -> ConnectorMetrics:
         """Counters since the connector was made (no side effects)."""
-        return ConnectorMetrics({}, 0)  # a hook: connectors that count override it
+        return ConnectorMetrics({}, 0, {}, {})  # a hook: connectors that count override it
 
     # ---- worker half (the model runner) ----------------------------------------------------
 

@@ -38,6 +38,7 @@ class ExternalBlocks(Protocol):
 
     def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """Blocks per place (tier name) of a run `num_external_hit_blocks` just counted."""
+
     def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
         """How many leading blocks of `block_hashes` are held now (reads nothing)."""
         ...

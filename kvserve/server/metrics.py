@@ -21,6 +21,7 @@ With KV tiers below the pool, one family per counter with a `tier` label ("cpu",
     kvserve:kv_tier_evictions_total / _errors_total / _rejected_total / _dropped_writes_total
     kvserve:kv_tier_load_seconds                 histogram: read + decode of one block
     kvserve:kv_tier_unreadable_total             entries found but corrupt or foreign (no tier)
+    kvserve:kv_restore_runs_total / _blocks_total  {decision="load"|"recompute"}: kv_restore
 """
 
 from __future__ import annotations
@@ -127,6 +128,17 @@ class _EngineCollector(Collector):
         )
         unreadable.add_metric(values, m.kv_tier_unreadable)
         yield unreadable
+        decisions = {
+            "runs": ("Runs of KV blocks found in a tier, by restore decision.", m.kv_restore_runs),
+            "blocks": ("KV blocks found in a tier, by restore decision.", m.kv_restore_blocks),
+        }
+        for name, (doc, counts) in decisions.items():
+            family = CounterMetricFamily(
+                PREFIX + "kv_restore_" + name, doc, labels=[*self._labels, "decision"]
+            )
+            for decision, count in counts.items():
+                family.add_metric([*values, decision], count)
+            yield family
 
 
 def _buckets(tier: TierMetrics) -> list[tuple[str, float]]:

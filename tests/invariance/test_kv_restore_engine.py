@@ -76,6 +76,12 @@ def test_kv_restore_loads_or_recomputes_with_the_same_outputs(
     num_blocks = num_loaded // 16
     decided = RestoreStats(num_blocks > 0, num_blocks == 0, num_blocks, 4 - num_blocks)
     assert connector.restore_stats == decided  # one lookup found the run
+    metrics = engine.get_metrics()
+    assert metrics.kv_restore_blocks == {"load": num_blocks, "recompute": 4 - num_blocks}
+    assert metrics.kv_restore_runs == {
+        "load": int(num_blocks > 0),
+        "recompute": int(not num_blocks),
+    }
     assert connector.stores[0].stats.hits == num_blocks  # recomputing read nothing
     engine.scheduler.check_invariants()
 

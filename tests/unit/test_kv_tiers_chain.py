@@ -70,14 +70,36 @@ def test_loads_write_back_exactly_what_was_saved() -> None:
     )
 
 
-def test_prepare_loads_lets_go_of_what_the_step_does_not_load() -> None:
+def test_a_run_not_loaded_stays_staged_and_is_read_once() -> None:
     store = CPUStore(2**20)
     connector, kv = chain(store)
-    connector.save_blocks(kv, [BlockTransfer(1, HASHES[0])])
-    assert connector.num_external_hit_blocks(HASHES[:1]) == 1
-    connector.prepare_loads([])  # the request was not admitted this step
-    with pytest.raises(KeyError), torch.inference_mode():
-        connector.load_blocks(kv, [BlockTransfer(3, HASHES[0])])
+    connector.save_blocks(kv, [BlockTransfer(1, HASHES[0]), BlockTransfer(2, HASHES[1])])
+    for _ in range(3):  # a waiting request looked up each step, not admitted (pool full)
+        assert connector.num_external_hit_blocks(HASHES[:2]) == 2
+        connector.prepare_loads([])
+    assert store.stats.hits == 2  # each block read and decoded once
+    loads = [BlockTransfer(5, HASHES[0]), BlockTransfer(6, HASHES[1])]
+    connector.prepare_loads(loads)
+    with torch.inference_mode():
+        connector.load_blocks(kv, loads)
+    assert torch.equal(read_block(kv, 5)[0][0], read_block(kv, 1)[0][0])
+    with pytest.raises(KeyError):  # taken by the load: a second load was never counted
+        connector.prepare_loads(loads[:1])
+
+
+def test_staged_blocks_past_the_bound_are_let_go_oldest_first() -> None:
+    store = CPUStore(2**20)
+    connector, kv = chain(store)
+    connector.save_blocks(kv, [BlockTransfer(i, HASHES[i - 1]) for i in (1, 2, 3)])
+    for block_hash in HASHES[:3]:  # three requests of one block each, oldest first
+        assert connector.num_external_hit_blocks([block_hash]) == 1
+    one_block = connector._staged.num_bytes // 3
+    connector._staged.max_bytes = 2 * one_block
+    connector.num_external_hit_blocks([HASHES[0]])  # h1 wanted again: the newest now
+    connector.prepare_loads([])
+    assert HASHES[1] not in connector._staged  # the oldest one nobody asked for again
+    assert HASHES[0] in connector._staged and HASHES[2] in connector._staged
+    assert connector._staged.num_bytes == 2 * one_block
 
 
 def test_an_unreadable_or_foreign_entry_ends_the_run() -> None:

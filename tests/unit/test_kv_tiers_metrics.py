@@ -70,7 +70,8 @@ def tier_metrics(**counts: int) -> TierMetrics:
 
 def engine_metrics(**changes: object) -> EngineMetrics:
     zero = {field.name: 0 for field in dataclasses.fields(EngineMetrics)}
-    zero["kv_tiers"] = {}  # type: ignore[assignment]
+    for name in ("kv_tiers", "kv_restore_runs", "kv_restore_blocks"):
+        zero[name] = {}  # type: ignore[assignment]
     return EngineMetrics(**{**zero, **changes})  # type: ignore[arg-type]
 
 
@@ -79,7 +80,12 @@ def test_metrics_have_one_family_per_tier_counter_with_a_tier_label() -> None:
         "cpu": tier_metrics(hits=3, bytes_read=300, load_seconds_count=3),
         "disk": tier_metrics(dropped_writes=2, errors=1, load_seconds_count=2),
     }
-    metrics = engine_metrics(kv_tiers=tiers, kv_tier_unreadable=4)
+    metrics = engine_metrics(
+        kv_tiers=tiers,
+        kv_tier_unreadable=4,
+        kv_restore_runs={"load": 2, "recompute": 1},
+        kv_restore_blocks={"load": 5, "recompute": 3},
+    )
     text = ServerMetrics(lambda: metrics, "m").render().decode()
     for line in (
         'kvserve:kv_tier_hits_total{model_name="m",tier="cpu"} 3.0',
@@ -92,6 +98,8 @@ def test_metrics_have_one_family_per_tier_counter_with_a_tier_label() -> None:
         'kvserve:kv_tier_load_seconds_count{model_name="m",tier="disk"} 2.0',
         'kvserve:kv_tier_load_seconds_sum{model_name="m",tier="cpu"} 0.004',
         'kvserve:kv_tier_unreadable_total{model_name="m"} 4.0',
+        'kvserve:kv_restore_runs_total{decision="load",model_name="m"} 2.0',
+        'kvserve:kv_restore_blocks_total{decision="recompute",model_name="m"} 3.0',
     ):
         assert line in text.splitlines(), line
     for name in ("misses", "blocks_written", "bytes_written", "evictions", "rejected"):
@@ -101,4 +109,4 @@ def test_metrics_have_one_family_per_tier_counter_with_a_tier_label() -> None:
 def test_without_tiers_there_are_no_tier_families() -> None:
     text = ServerMetrics(engine_metrics, "m").render().decode()
     assert "kvserve:num_preemptions_total" in text
-    assert "kv_tier" not in text
+    assert "kv_tier" not in text and "kv_restore" not in text

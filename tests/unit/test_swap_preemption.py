@@ -45,6 +45,9 @@ class FakeTier:
     def num_external_hit_blocks(self, block_hashes: Sequence[bytes]) -> int:
         return self.num_held_blocks(block_hashes)
 
+    def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
+        return {"fake": len(block_hashes)} if block_hashes else {}
+
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
         return None
 

@@ -39,6 +39,7 @@ from kvserve.kv.tiers.cost import RestoreCostModel, probe_store
 from kvserve.kv.tiers.metrics import LatencyHistogram, tier_metrics
 from kvserve.kv.tiers.restore_policy import RunSegment, num_blocks_to_load
 from kvserve.kv.tiers.serde import BlockLayout, decode_block, encode_block
+from kvserve.kv.tiers.staging import StagedBlocks
 from kvserve.kv.tiers.writer import DEFAULT_MAX_QUEUED_BYTES, BackgroundWriter
 
 
@@ -99,9 +100,8 @@ class TieredConnector(KVConnector):
         slow = any(not store.inline_writes for store in self.stores)
         self._writer = BackgroundWriter(max_queued_bytes) if slow else None
         self._layout: BlockLayout | None = None  # the pool's block layout (register_kv_caches)
-        # Blocks read and checked at lookup (with their tier), until the step's loads are
-        # decided.
-        self._staged: dict[bytes, tuple[BlockData, str]] = {}
+        # Blocks read and checked at lookup (with their tier), until a step loads them.
+        self._staged = StagedBlocks()
         self._to_load: dict[bytes, BlockData] = {}
 
     @property
@@ -151,16 +151,16 @@ class TieredConnector(KVConnector):
 
     def get_hit_tiers(self, block_hashes: Sequence[bytes]) -> dict[str, int]:
         """How many of these blocks (counted by the last lookup) each tier supplies."""
-        return dict(Counter(self._staged[block_hash][1] for block_hash in block_hashes))
+        return dict(Counter(self._staged.tier_of(block_hash) for block_hash in block_hashes))
 
     def num_held_blocks(self, block_hashes: Sequence[bytes]) -> int:
         """The run of `block_hashes` some tier holds (existence queries only, nothing read)."""
         return len(self._candidates(block_hashes))
 
     def prepare_loads(self, blocks: Sequence[BlockTransfer]) -> None:
-        """Keep the staged blocks this step loads; drop what lookups read beyond them."""
-        staged, self._staged = self._staged, {}
-        self._to_load = {block.block_hash: staged[block.block_hash][0] for block in blocks}
+        """Take the staged blocks this step loads; the rest stay staged (bounded) for the
+        requests still waiting, so their blocks are not read again."""
+        self._to_load = self._staged.take([block.block_hash for block in blocks])
 
     def load_blocks(self, kv_caches: KVCaches, blocks: Sequence[BlockTransfer]) -> None:
         """Write each block read at lookup into its pool block."""
@@ -198,7 +198,13 @@ class TieredConnector(KVConnector):
             store.name: tier_metrics(store.stats, self._load_seconds[store.name])
             for store in self.stores
         }
-        return ConnectorMetrics(tiers, self.num_unreadable)
+        stats = self.restore_stats
+        return ConnectorMetrics(
+            tiers,
+            self.num_unreadable,
+            {"load": stats.runs_loaded, "recompute": stats.runs_recomputed},
+            {"load": stats.blocks_loaded, "recompute": stats.blocks_recomputed},
+        )
 
     def check_invariants(self) -> None:
         for store in self.stores:
@@ -223,11 +229,12 @@ class TieredConnector(KVConnector):
         """Read and check the blocks of `run` not staged yet; the readable leading count."""
         for index, (block_hash, store) in enumerate(run):
             if block_hash in self._staged:
+                self._staged.touch(block_hash)
                 continue
             data = self._read(store, block_hash, layout)
             if data is None:
                 return index
-            self._staged[block_hash] = (data, store.name)
+            self._staged.add(block_hash, data, store.name)
         return len(run)
 
     def _read(self, store: KVStore, block_hash: bytes, layout: BlockLayout) -> BlockData | None:

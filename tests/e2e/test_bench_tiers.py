@@ -59,8 +59,9 @@ def trace_tiers(tiny: str, tmp_path: Path, *flags: str) -> dict[str, Any]:
     trace = tmp_path / "trace.jsonl"
     trace.write_text("".join(json.dumps(line) + "\n" for line in TRACE))
     args = ["trace-tiers", str(trace), "--model", tiny, "--sample-conversations", "1",
-            "--kv-restore", "always", "--cpu-blocks", "64", "--disk-blocks", "64", *flags]
-    results: dict[str, Any] = run_bench(args, tmp_path)["results"]  # fmt: skip
+            "--kv-restore", "always", "--cpu-blocks", "64", "--disk-blocks", "64",
+            *flags]  # fmt: skip
+    results: dict[str, Any] = run_bench(args, tmp_path)["results"]
     assert [row["config"] for row in results["rows"]] == ["pool", "cpu", "disk"]
     assert results["workload"]["num_requests"] == 4
     return results

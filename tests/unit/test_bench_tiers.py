@@ -43,9 +43,7 @@ def test_bench_config_sizes_the_pool_for_the_longest_prompt() -> None:
 def test_place_configs_give_each_engine_one_tier_and_forced_restores() -> None:
     base = EngineConfig(kv_cpu_bytes=5, kv_disk_dir="/given", preemption_mode="swap")
     configs = place_configs(base, "/tmp/d", "redis://127.0.0.1:1/0")
-    tiers = {
-        name: (c.kv_cpu_bytes, c.kv_disk_dir, c.kv_remote_url) for name, c in configs.items()
-    }
+    tiers = {name: (c.kv_cpu_bytes, c.kv_disk_dir, c.kv_remote_url) for name, c in configs.items()}
     assert tiers == {
         "pool": (0, None, None),
         "cpu": (5, None, None),
@@ -61,7 +59,8 @@ def _record(line: int, hash_ids: tuple[int, ...]) -> TraceRecord:
 
 
 def test_sample_conversations_keeps_whole_conversations() -> None:
-    records = [_record(1, (0, 6, 1)), _record(2, (0, 7)), _record(3, (0, 6, 1, 2)), _record(4, (0,))]
+    hash_ids = [(0, 6, 1), (0, 7), (0, 6, 1, 2), (0,)]
+    records = [_record(line, ids) for line, ids in enumerate(hash_ids, start=1)]
     assert [r.line for r in sample_conversations(records, 3)] == [1, 3]
     assert [r.line for r in sample_conversations(records, 1)] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="--sample-conversations"):

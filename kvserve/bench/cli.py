@@ -1,12 +1,12 @@
-"""`kvserve bench latency | throughput | prefix | memory | serve | kv-dtype`: the subcommands,
-and one JSON record per run (`--output-json`)."""
+"""`kvserve bench latency | throughput | prefix | memory | serve | kv-dtype | tiers |
+trace-tiers`: the subcommands, and one JSON record per run (`--output-json`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 
-from kvserve.bench import cache_bench, kv_dtype_bench, offline, serve_bench
+from kvserve.bench import cache_bench, kv_dtype_bench, offline, serve_bench, tier_bench, trace_tiers
 from kvserve.bench.record import Record, machine_info, write_record
 from kvserve.config import EngineConfig
 from kvserve.utils.load_monitor import LoadMonitor
@@ -41,6 +41,8 @@ def add_subcommands(bench_parser: argparse.ArgumentParser) -> None:
     cache_bench.add_subcommands(commands)
     serve_bench.add_subcommand(commands)
     kv_dtype_bench.add_subcommand(commands)
+    tier_bench.add_subcommand(commands)
+    trace_tiers.add_subcommand(commands)
     bench_parser.set_defaults(func=main)
 
 
@@ -53,9 +55,11 @@ def main(args: argparse.Namespace) -> int:
         "memory": cache_bench.run_memory,
         "serve": serve_bench.main,
         "kv-dtype": kv_dtype_bench.run,
+        "tiers": tier_bench.run,
+        "trace-tiers": trace_tiers.run,
     }
     record: Record = runs[args.bench_command](args, monitor)
-    if "benchmark" not in record:  # prefix, memory, serve: results only
+    if "benchmark" not in record:  # prefix, memory, serve, tiers, ...: results only
         record = {
             "benchmark": args.bench_command,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

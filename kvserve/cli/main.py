@@ -42,7 +42,9 @@ def _add_trace(commands: Any) -> None:
 
 def _add_bench(commands: Any) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmarks (latency, throughput, prefix, memory, serve, kv-dtype)"
+        "bench",
+        help="benchmarks (latency, throughput, prefix, memory, serve, kv-dtype, tiers, "
+        "trace-tiers)",
     )
     bench_cli.add_subcommands(bench)
 

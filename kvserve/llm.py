@@ -110,6 +110,16 @@ class LLM:
         """The engine's gauges and cumulative counters (prefix-cache hits, KV usage, ...)."""
         return self.engine.get_metrics()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block of the pool (the tiers below keep theirs), as vLLM's
+        `LLM.reset_prefix_cache`. False, and nothing changed, while a request holds blocks."""
+        return self.engine.reset_prefix_cache()
+
+    def flush_kv_saves(self, timeout: float | None = None) -> bool:
+        """Wait until the KV blocks saved so far reach every tier (the disk and remote tiers
+        are written in the background). False when `timeout` seconds passed first."""
+        return self.engine.flush_kv_saves(timeout)
+
     def close(self) -> None:
         """Finish the KV saves in flight (the background writer of the disk and remote
         tiers) and release the tiers; the LLM is not used afterwards."""

@@ -74,7 +74,7 @@ def _greedy(max_tokens: int) -> Any:
 def _warm(llm: Any, vocab: tuple[int, frozenset[int]]) -> None:
     prompts = wl.random_prompts([16, 200], vocab[0], "warmup", vocab[1])
     llm.generate([{"prompt_token_ids": p} for p in prompts], _greedy(4), use_tqdm=False)
-    llm.engine.kv_cache_manager.reset_prefix_cache()
+    llm.reset_prefix_cache()
 
 
 # ---- prefix -------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def shared_system_prompt(
     elapsed = time.perf_counter() - start
     after = llm.get_metrics()
     ttfts = [1000 * o.metrics.time_to_first_token for o in outputs]
-    llm.engine.kv_cache_manager.reset_prefix_cache()
+    llm.reset_prefix_cache()
     return {
         "elapsed_s": elapsed,
         "mean_ttft_ms": statistics.fmean(ttfts),
@@ -166,7 +166,7 @@ def multi_turn(
         })  # fmt: skip
         history = prompt + output.outputs[0].token_ids
         reusable = (len(history) - 1) // block_size * block_size
-    llm.engine.kv_cache_manager.reset_prefix_cache()
+    llm.reset_prefix_cache()
     return {"turns": turns}
 
 

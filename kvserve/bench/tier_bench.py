@@ -206,9 +206,10 @@ def ttft_ms(llm: Any, prompt: list[int], reset: bool) -> tuple[float, int]:
     Raises:
         RuntimeError: the pool could not be reset (a block still in use).
     """
-    if reset and not llm.engine.kv_cache_manager.reset_prefix_cache():
+    if reset and not llm.reset_prefix_cache():
         raise RuntimeError("the pool's prefix cache could not be reset: a block is in use")
     (output,) = llm.generate([{"prompt_token_ids": prompt}], _PARAMS, use_tqdm=False)
+    llm.flush_kv_saves()  # after the timing: the slow tiers are written in the background
     return 1000 * output.metrics.time_to_first_token, output.num_cached_tokens
 
 

@@ -205,11 +205,12 @@ def replay(llm: Any, workload: Workload) -> Record:
     """Each request alone, in order: hit ratio, TTFT, blocks each tier served."""
     warm = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
     llm.generate([{"prompt_token_ids": workload.prompts[0][:4]}], warm, use_tqdm=False)
-    llm.engine.kv_cache_manager.reset_prefix_cache()  # first calls pay one-time costs
+    llm.reset_prefix_cache()  # first calls pay one-time costs
     ttfts, cached = [], []
     for prompt, num_output in zip(workload.prompts, workload.output_lens, strict=True):
         params = SamplingParams(temperature=0.0, max_tokens=num_output, ignore_eos=True)
         (output,) = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        llm.flush_kv_saves()  # the next request finds every block written (reproducible)
         ttfts.append(1000 * output.metrics.time_to_first_token)
         cached.append(output.num_cached_tokens)
     prompt_tokens = sum(len(p) for p in workload.prompts)
@@ -227,13 +228,8 @@ def replay(llm: Any, workload: Workload) -> Record:
 
 
 def tier_hit_blocks(llm: Any) -> dict[str, int]:
-    """Blocks each tier handed back (its store's hits), {} without tiers."""
-    from kvserve.kv.tiers.tiered import TieredConnector
-
-    connector = llm.engine.kv_connector
-    if not isinstance(connector, TieredConnector):
-        return {}
-    return {store.name: store.stats.hits for store in connector.stores}
+    """Blocks each tier handed back (its hits), {} without tiers."""
+    return {name: tier.hits for name, tier in llm.get_metrics().kv_tiers.items()}
 
 
 def tier_specs(name: str, args: argparse.Namespace, gb_s: dict[str, float]) -> list[TierSpec]:

@@ -164,6 +164,11 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block of the pool (not of the tiers below it). False, and
+        nothing changed, while a request holds blocks."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
     def flush_kv_saves(self, timeout: float | None = None) -> bool:
         """Wait until the blocks saved so far are written to every tier (tests, benchmarks:
         the slow tiers are written in the background). False when `timeout` passed first."""

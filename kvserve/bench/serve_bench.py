@@ -239,6 +239,6 @@ def _max_model_len_hint(args: argparse.Namespace) -> int | None:
         words = shlex.split(launch)
         if "--max-model-len" in words:
             lens.append(int(words[words.index("--max-model-len") + 1]))
-    from kvserve.engine.engine import DEFAULT_MAX_MODEL_LEN
+    from kvserve.engine.engine_config import DEFAULT_MAX_MODEL_LEN
 
     return min(lens) if lens else DEFAULT_MAX_MODEL_LEN

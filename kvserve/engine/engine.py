@@ -10,12 +10,12 @@ Engine.step():  scheduler.schedule()          -> SchedulerOutput
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
-from kvserve.config import DEFAULT_KV_CACHE_MEMORY_BYTES, EngineConfig
+from kvserve.config import EngineConfig
+from kvserve.engine.engine_config import resolve_config
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
 from kvserve.engine.prompts import PromptInput as PromptInput  # re-exported (older imports)
@@ -27,7 +27,6 @@ from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_connector import ConnectorMetrics, KVConnector
-from kvserve.kv.sizing import kv_bytes_per_token, kv_dtype_name, num_blocks_for_bytes
 from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
@@ -35,8 +34,6 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.tokenizer import load_tokenizer
 
 logger = logging.getLogger("kvserve")
-
-DEFAULT_MAX_MODEL_LEN = 4096
 
 
 class Engine:
@@ -55,7 +52,7 @@ class Engine:
         self.tokenizer: Any = load_tokenizer(self.model_path)
         self.model_runner = ModelRunner(self.model_path, config.dtype, config.device, config.seed)
         self.model_config = self.model_runner.model_config
-        self.config, num_blocks = self._resolve(config)
+        self.config, num_blocks = resolve_config(config, self.model_config)
         self.block_hash_params = BlockHashParams(
             self.config.block_size, self.model_config.fingerprint, self.config.kv_cache_dtype
         )
@@ -252,60 +249,6 @@ class Engine:
                 f"= {num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}"
             )
         return params
-
-    def _resolve(self, config: EngineConfig) -> tuple[EngineConfig, int]:
-        """Fill model-dependent defaults and size the KV pool."""
-        model_max = self.model_config.max_position_embeddings
-        max_model_len = config.max_model_len or min(model_max, DEFAULT_MAX_MODEL_LEN)
-        if max_model_len > model_max:
-            raise ValueError(
-                f"max_model_len: {max_model_len} exceeds the model's maximum {model_max}"
-            )
-        num_batched = config.max_num_batched_tokens
-        if config.cache_mode == "none" or not config.enable_chunked_prefill:
-            num_batched = max(num_batched, max_model_len)  # whole sequences must fit one step
-        config = config.replace(max_model_len=max_model_len, max_num_batched_tokens=num_batched)
-        num_blocks = self._num_blocks(config)
-        return config, num_blocks
-
-    def _num_blocks(self, config: EngineConfig) -> int:
-        """Blocks of the KV pool: `num_kv_blocks`, else the byte budget over the bytes a
-        token takes (kv/sizing.py, scales included); 0 without a cache.
-
-        Raises:
-            ValueError: the pool cannot hold one request of `max_model_len`.
-        """
-        if config.cache_mode == "none":
-            logger.info("KV cache: none (every step recomputes the whole sequence)")
-            return 0
-        model = self.model_config
-        kv_dtype = kv_dtype_name(config.kv_cache_dtype, config.dtype)
-        per_token = kv_bytes_per_token(
-            model.num_hidden_layers, model.num_key_value_heads, model.head_dim, kv_dtype,
-            config.block_size,
-        )  # fmt: skip
-        if config.num_kv_blocks is not None:
-            num_blocks, field_name = config.num_kv_blocks, "num_kv_blocks"
-        else:
-            budget = config.kv_cache_memory_bytes or DEFAULT_KV_CACHE_MEMORY_BYTES
-            num_blocks = num_blocks_for_bytes(budget, config.block_size, per_token.total)
-            field_name = "kv_cache_memory_bytes"
-        assert config.max_model_len is not None
-        needed = math.ceil(config.max_model_len / config.block_size) + 1
-        if num_blocks < needed:
-            raise ValueError(
-                f"{field_name}: the KV pool holds {num_blocks} blocks of {config.block_size} "
-                f"tokens, fewer than the {needed} one request of max_model_len "
-                f"{config.max_model_len} may need; give more memory or lower max_model_len"
-            )
-        logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token: %d K/V "
-            "in %s + %d scales)",
-            num_blocks, config.block_size, num_blocks * config.block_size,
-            num_blocks * config.block_size * per_token.total / 2**20, per_token.total,
-            per_token.data, kv_dtype, per_token.scales,
-        )  # fmt: skip
-        return num_blocks
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)

@@ -42,8 +42,9 @@ eval-deps:
 # port and stop it after; only the binary is needed, no service is left running.
 redis-server:
 	@command -v redis-server >/dev/null || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q redis-server >/dev/null; \
-	  else sudo apt-get install -y -q redis-server >/dev/null; fi; }
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
 
 lint: setup
 	$(VENV)/bin/ruff check kvserve tests scripts

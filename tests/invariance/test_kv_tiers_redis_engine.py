@@ -226,3 +226,40 @@ def test_redis_tier_arguments_are_checked(
 def test_a_sliding_window_model_names_kv_remote_url(tiny_checkpoints: dict[str, str]) -> None:
     with pytest.raises(ValueError, match="^kv_remote_url:"):
         make(tiny_checkpoints["mistral"], kv_remote_url="redis://127.0.0.1:1/0")
+
+
+def test_all_tiers_together_with_seeded_sampling(
+    llama: str, redis_url: str, tmp_path: Path
+) -> None:
+    """CPU and disk tiers too small for the prefix, Redis holding everything: the chain looks
+    through CPU and disk and restores the prefix from Redis; seeded samples equal the plain
+    engine's."""
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=6, ignore_eos=True)
+    plain = make(llama)
+    prefix, fillers = evicting_workload(plain)
+    prompts = [prefix + [5, 6, 7], *fillers, prefix + [8, 9]]
+    want = [run_engine(plain, [prompt], seeded)[0] for prompt in prompts]
+    probe = make(llama, kv_disk_dir=str(tmp_path / "probe"))
+    run_engine(probe, [prefix], PARAMS)
+    probe.close()
+    entry = max(path.stat().st_size for path in (tmp_path / "probe").rglob("*.kv"))
+    tiered = make(
+        llama,
+        kv_cpu_bytes=2 * entry,
+        kv_disk_dir=str(tmp_path / "kv"),
+        kv_disk_bytes=3 * entry,
+        kv_remote_url=redis_url,
+    )
+    got = []
+    for prompt in prompts:
+        got.append(run_engine(tiered, [prompt], seeded)[0])
+        assert tiered.flush_kv_saves(timeout=60)
+        tiered.scheduler.check_invariants()
+    assert token_ids(got) == token_ids(want)
+    assert got[-1].num_cached_tokens == 64
+    assert got[-1].num_cached_tokens_by_tier == {"redis": 64}  # evicted from CPU and disk
+    metrics = tiered.get_metrics().kv_tiers
+    assert metrics["cpu"].evictions > 0 and metrics["disk"].evictions > 0
+    assert metrics["redis"].hits == 4 and metrics["redis"].errors == 0
+    assert_no_blocks_held(tiered)
+    tiered.close()

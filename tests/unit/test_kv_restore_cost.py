@@ -137,3 +137,23 @@ def test_auto_probes_each_tier_and_decides_before_reading(tmp_path: Path) -> Non
     )
     assert connector.num_external_hit_blocks(HASHES[:5]) == 0
     assert connector.restore_stats == RestoreStats(1, 1, 2, 6)
+
+
+def test_a_tier_left_out_since_a_slow_read_is_probed_again_once_stale(tmp_path: Path) -> None:
+    """One slow disk read (1024 s for a block) makes "auto" stop loading from disk; it would
+    never read disk again to learn otherwise. Once the disk's cost is older than
+    `stale_after_s`, the next decision that leaves disk blocks out probes disk again."""
+    connector, cpu, disk = saved_chain("auto", tmp_path)
+    now = [0.0]
+    costs = RestoreCostModel(4, ewma_weight=1.0, stale_after_s=10.0, clock=lambda: now[0])
+    costs.block_bytes = connector.costs.block_bytes
+    costs.set_tier("cpu", 0.0, 0.0)
+    costs.observe_forward(4, 0, 2.0**-4)  # prefill: 2**-6 s a token
+    costs.observe_load("disk", costs.block_bytes, 2.0**10)  # the slow read
+    connector.costs = costs
+    assert connector.num_external_hit_blocks(HASHES[:5]) == 2  # cpu only: disk is dear
+    assert disk.stats.hits == 0
+    now[0] = 11.0  # disk's cost was measured 11 s ago
+    assert connector.num_external_hit_blocks(HASHES[:5]) == 4  # probed: disk is cheap again
+    assert disk.stats.hits == 6 + 2  # the probe: 3 block and 3 tiny reads; then two blocks
+    assert not costs.is_stale("disk")

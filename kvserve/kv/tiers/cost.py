@@ -13,6 +13,11 @@
   start-up, so the guess is short-lived (a dummy forward at start-up would time a cold model
   and lengthen every start).
 
+A tier the decision stops loading from is never read, so its cost would never be updated:
+one slow read (a page fault, a pause) could then keep it out for good. So a tier whose cost
+was last measured more than `stale_after_s` ago is probed again when a decision leaves its
+blocks to the forward (`is_stale`; tiered.py re-probes and decides again).
+
 Averages are ratios of decayed sums (seconds over bytes or tokens), so a large forward weighs
 more than a small one, and the first observation is taken as it is.
 """
@@ -57,11 +62,20 @@ class RestoreCostModel:
         ValueError: ewma_weight outside [0, 1].
     """
 
-    def __init__(self, block_size: int, ewma_weight: float = 0.2) -> None:
+    def __init__(
+        self,
+        block_size: int,
+        ewma_weight: float = 0.2,
+        stale_after_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if not 0.0 <= ewma_weight <= 1.0:
             raise ValueError(f"ewma_weight: must be in [0, 1], got {ewma_weight}")
         self.block_size = block_size
         self.ewma_weight = ewma_weight
+        self.stale_after_s = stale_after_s
+        self.clock = clock
+        self._measured_at: dict[str, float] = {}  # when each tier's cost was last measured
         self.block_bytes = 0  # one serialized block (set by the probe)
         self._latency_s: dict[str, float] = {}
         self._transfer: dict[str, _DecayedRatio] = {}  # seconds beyond latency / bytes
@@ -83,6 +97,7 @@ class RestoreCostModel:
         """A probe's result: a tiny value's latency and one block's load time."""
         self._latency_s[name] = latency_s
         self._transfer[name] = _DecayedRatio(max(block_s - latency_s, 0.0), self.block_bytes)
+        self._measured_at[name] = self.clock()
 
     def observe_load(self, name: str, num_bytes: int, seconds: float) -> None:
         """One block read and decoded from tier `name` in `seconds`."""
@@ -90,6 +105,15 @@ class RestoreCostModel:
         self._transfer.setdefault(name, _DecayedRatio()).add(
             beyond_latency, num_bytes, self.ewma_weight
         )
+        self._measured_at[name] = self.clock()
+
+    def is_stale(self, name: str) -> bool:
+        """True when tier `name` was measured, but not in the last `stale_after_s` seconds
+        (a fixed model never is: its table does not change)."""
+        measured_at = self._measured_at.get(name)
+        if self.ewma_weight == 0.0 or measured_at is None:
+            return False
+        return self.clock() - measured_at > self.stale_after_s
 
     def observe_forward(self, num_tokens: int, num_decodes: int, seconds: float) -> None:
         """One forward of `num_tokens` rows, `num_decodes` of them single-token decodes; an
@@ -119,16 +143,21 @@ def probe_store(
     payload: bytes,
     decode: Callable[[bytes], object | None],
     num_rounds: int = 3,
+    keep_stats: bool = True,
 ) -> TierProbe | None:
     """Time `store` on a tiny value and on `payload` (one block, encoded under `key`), the
-    median of `num_rounds` gets each, then remove both; the store's counters are left as they
-    were. None when the store refuses either value or `payload` does not read back.
+    median of `num_rounds` gets each, then remove both. None when the store refuses either
+    value or `payload` does not read back.
+
+    With `keep_stats` (at start-up, before any background write) the store's counters are
+    put back as they were; a probe while the engine runs leaves its reads and writes counted
+    (they are real I/O, and putting counters back would lose the writer thread's updates).
 
     `key` must be fresh (random), so it names no engine's block; the tiny value's key is
     derived from it. A full store evicts its least recently used entries to make room.
     """
     tiny_key = bytes(reversed(key))
-    stats = dataclasses.replace(store.stats)
+    stats = dataclasses.replace(store.stats) if keep_stats else None
     try:
         if not (store.put(key, payload) and store.put(tiny_key, b"\0")):
             return None
@@ -146,4 +175,5 @@ def probe_store(
     finally:
         store.remove(key)
         store.remove(tiny_key)
-        store.stats = stats
+        if stats is not None:
+            store.stats = stats

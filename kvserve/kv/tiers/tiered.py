@@ -100,6 +100,7 @@ class TieredConnector(KVConnector):
         slow = any(not store.inline_writes for store in self.stores)
         self._writer = BackgroundWriter(max_queued_bytes) if slow else None
         self._layout: BlockLayout | None = None  # the pool's block layout (register_kv_caches)
+        self._probe_block: BlockData | None = None  # what cost probes store (the null block)
         # Blocks read and checked at lookup (with their tier), until a step loads them.
         self._staged = StagedBlocks()
         self._to_load: dict[bytes, BlockData] = {}
@@ -112,20 +113,27 @@ class TieredConnector(KVConnector):
         """Learn the block layout (block 0, the null block, has it); with "auto", probe each
         tier's load cost with one block (cost.py)."""
         block = read_block(kv_caches, 0)
-        layout = self._layout = BlockLayout.of(block)
+        self._layout = BlockLayout.of(block)
         if self.restore != "auto":
             return
+        self._probe_block = block
+        self.costs.block_bytes = len(encode_block(block, bytes(32), self.params, self.secret))
+        for store in self.stores:
+            self._probe(store)
+
+    def _probe(self, store: KVStore, at_start: bool = True) -> None:
+        """Measure one tier's load cost with the null block under a fresh key (cost.py)."""
+        assert self._layout is not None and self._probe_block is not None
         key = os.urandom(32)  # a fresh key: no engine's block, no other engine's probe
-        payload = encode_block(block, key, self.params, self.secret)
-        self.costs.block_bytes = len(payload)
+        payload = encode_block(self._probe_block, key, self.params, self.secret)
+        layout = self._layout
 
         def decode(value: bytes) -> BlockData | None:
             return decode_block(value, key, self.params, layout, self.secret)
 
-        for store in self.stores:
-            probe = probe_store(store, key, payload, decode)
-            if probe is not None:
-                self.costs.set_tier(store.name, probe.latency_s, probe.block_s)
+        probe = probe_store(store, key, payload, decode, keep_stats=at_start)
+        if probe is not None:
+            self.costs.set_tier(store.name, probe.latency_s, probe.block_s)
 
     def record_forward(self, num_tokens: int, num_decodes: int, seconds: float) -> None:
         self.costs.observe_forward(num_tokens, num_decodes, seconds)
@@ -141,6 +149,9 @@ class TieredConnector(KVConnector):
             return 0
         run = _run_segments([store.name for _, store in candidates])
         num_load = num_blocks_to_load(run, self.costs.table(), self.restore)
+        if num_load < len(candidates) and self.costs.is_stale(candidates[num_load][1].name):
+            self._probe(candidates[num_load][1], at_start=False)  # not read since: measure
+            num_load = num_blocks_to_load(run, self.costs.table(), self.restore)
         num_read = self._stage(candidates[:num_load], self._layout)
         stats = self.restore_stats
         stats.runs_loaded += int(num_read > 0)

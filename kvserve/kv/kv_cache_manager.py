@@ -15,13 +15,13 @@ Block hashes are computed whether prefix caching is on or off.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 
 from kvserve.config import CACHE_MODES
-from kvserve.kv.block import KVBlock, require
+from kvserve.kv.block import KVBlock
 from kvserve.kv.block_hash import ExtraKey, extend_block_hashes
 from kvserve.kv.block_pool import BlockPool
+from kvserve.kv.block_tables import check_block_tables
 from kvserve.kv.copy_on_write import CopyOnWrite
 from kvserve.kv.eviction import NextUse
 from kvserve.kv.kv_events import KVEvent
@@ -290,19 +290,8 @@ class KVCacheManager:
         """Raise AssertionError if the tables and the pool disagree: beyond the pool's own
         checks, each block's ref_cnt equals the number of tables holding it, dropped (null)
         entries only form a table's head, contiguous tables have the full reservation."""
-        self.pool.check_invariants()
-        null = self.pool.null_block
-        holders: Counter[int] = Counter()
-        for request_id, table in self._tables.items():
-            num_null = sum(1 for b in table if b is null)
-            require(all(b is null for b in table[:num_null]), f"{request_id}: null inside")
-            require(all(self.pool.blocks[b.block_id] is b for b in table), "foreign block")
-            holders.update(b.block_id for b in table[num_null:])
-            if self.cache_mode == "contiguous":
-                require(len(table) == self.num_reserved_blocks, f"{request_id}: reservation")
-        for block in self.pool.blocks[1:]:
-            expected = holders[block.block_id]
-            require(block.ref_cnt == expected, f"{block} is held by {expected} tables")
+        reserved = self.num_reserved_blocks if self.cache_mode == "contiguous" else None
+        check_block_tables(self.pool, self._tables, reserved)
 
     def _num_required_blocks(self, num_total: int) -> int:
         if self.cache_mode == "contiguous":

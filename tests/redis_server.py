@@ -13,7 +13,6 @@ tests fail, saying so, rather than skip.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +20,8 @@ from types import TracebackType
 
 import pytest
 import redis
+
+from kvserve.bench.redis_server import free_port as free_port  # re-exported to the tests
 
 READY_TIMEOUT_S = 10.0  # a generous bound on start-up; a healthy server answers in milliseconds
 
@@ -135,10 +136,3 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])

@@ -31,6 +31,7 @@ KV_RESTORE_MODES: tuple[str, ...] = ("auto", "always", "never")
 KV_REMOTE_SECRET_ENV = "KVSERVE_KV_REMOTE_SECRET"
 ATTENTION_BACKENDS: tuple[str, ...] = ("auto", "torch")
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+WEIGHT_FORMATS: tuple[str, ...] = ("auto", "float32")
 DEFAULT_KV_CACHE_MEMORY_BYTES = 1 << 30
 
 
@@ -110,6 +111,14 @@ class EngineConfig:
         },
     )
     dtype: str = field(default="float32", metadata={"help": "compute dtype of the model"})
+    weight_format: str = field(
+        default="auto",
+        metadata={
+            "help": "auto: GGUF weights stay as stored (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K, F16, "
+            "BF16) and run through kvserve's C++ kernels, on a float32 model on the CPU; "
+            "float32: dequantize every weight at load"
+        },
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:1, ..."})
     seed: int = field(default=0, metadata={"help": "seed of unseeded sampling"})
     num_threads: int | None = field(
@@ -153,6 +162,7 @@ class EngineConfig:
                 f"{self.kv_remote_url!r}"
             )
         _require_choice("dtype", self.dtype, DTYPES)
+        _require_choice("weight_format", self.weight_format, WEIGHT_FORMATS)
         object.__setattr__(self, "compile_sizes", tuple(sorted(set(self.compile_sizes))))
         if not self.compile_sizes or any(
             not isinstance(size, int) or size <= 0 for size in self.compile_sizes

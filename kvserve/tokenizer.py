@@ -18,17 +18,26 @@ _TOKENIZER_FILES = (
 
 
 def load_tokenizer(path: str | os.PathLike[str]) -> PreTrainedTokenizerBase | None:
-    """The tokenizer of an HF folder or a `.gguf` file; None for a folder without one.
+    """The tokenizer of an HF folder or a `.gguf` file; None for a folder (or a GGUF) without
+    one.
 
     A model without a tokenizer still runs on `prompt_token_ids`; its output text stays empty.
     """
     path = os.fspath(path)
     if path.endswith(".gguf"):
+        if not _gguf_has_tokenizer(path):
+            return None
         folder, name = os.path.split(os.path.abspath(path))
         return AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
         return None
     return AutoTokenizer.from_pretrained(path)
+
+
+def _gguf_has_tokenizer(path: str) -> bool:
+    import gguf
+
+    return "tokenizer.ggml.tokens" in gguf.GGUFReader(path).fields
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:

@@ -187,7 +187,7 @@ class CompiledDecode:
         self._measure_costs(empty, md, kv_caches)
         start = time.perf_counter()
         config = self.model.config
-        dtype = self.model.output_embedding().dtype
+        dtype = self.model.activation_dtype
         self.backend.warmup(config.num_attention_heads, config.head_dim, dtype, kv_caches[0])
         logger.info(
             "%s decode attention ready in %.1f s", self.backend.name, time.perf_counter() - start

@@ -50,7 +50,9 @@ class Engine:
             torch.set_num_threads(config.num_threads)
         self.model_path = _resolve_model_path(config.model)
         self.tokenizer: Any = load_tokenizer(self.model_path)
-        self.model_runner = ModelRunner(self.model_path, config.dtype, config.device, config.seed)
+        self.model_runner = ModelRunner(
+            self.model_path, config.dtype, config.device, config.seed, config.weight_format
+        )
         self.model_config = self.model_runner.model_config
         self.config, num_blocks = resolve_config(config, self.model_config)
         self.block_hash_params = BlockHashParams(

@@ -49,10 +49,11 @@ class ModelRunner:
         dtype: str,
         device: str,
         seed: int,
+        weight_format: str = "auto",
     ) -> None:
         self.device = torch.device(device)
         self.dtype = getattr(torch, dtype)
-        self.model: CausalLM = load_model(model_path, dtype=self.dtype, device=self.device)
+        self.model: CausalLM = load_model(model_path, self.dtype, self.device, weight_format)
         self.model_config: ModelConfig = self.model.config
         self.sampler = Sampler(seed=seed, device=self.device)
         self.kv_caches: KVCaches | None = None

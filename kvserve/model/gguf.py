@@ -1,6 +1,8 @@
-"""Read a GGUF checkpoint as an HF-style config dict and a float32 state dict.
+"""Read a GGUF checkpoint as an HF-style config dict and a state dict of HF names.
 
-Every tensor is dequantized with the `gguf` package and renamed to its HF name. llama.cpp's
+Every tensor is renamed to its HF name and returned as stored: float32 tensors for F32, and
+`QuantTensor`s (rows of ggml blocks) for every other type; the loader keeps or dequantizes
+them. llama.cpp's
 converter permutes the rows of Llama's Q and K weights (interleaved RoPE pairs); `load_gguf`
 undoes that, so the result loads into the same modules as an HF checkpoint.
 
@@ -23,9 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from kvserve.model.quant_linear import F32_TYPE, QuantTensor
+
 _HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 # Architectures whose GGUF Q/K weights were permuted by llama.cpp's converter.
 _PERMUTED_QK = frozenset({"llama"})
+_QK_NAMES = ("q_proj.weight", "k_proj.weight")
 
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -47,28 +52,33 @@ _LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _GLOBAL_RE = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
-def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read a GGUF file into (HF-style config dict, HF-named float32 state dict).
+def load_gguf(path: str) -> tuple[dict[str, Any], dict[str, torch.Tensor | QuantTensor]]:
+    """Read a GGUF file into (HF-style config dict, HF-named state dict).
+
+    F32 tensors come back as float32 tensors; every other tensor as stored (`QuantTensor`:
+    its rows of ggml blocks, Q/K rows un-permuted as whole rows). The loader keeps or
+    dequantizes them (`weight_format`).
 
     Raises:
         ValueError: the GGUF architecture is not supported (llama, qwen2), or a tensor name
             has no HF equivalent.
     """
-    import gguf
-
     reader, config = read_gguf_config(path)
-    arch = config["model_type"]
-    state_dict: dict[str, torch.Tensor] = {}
+    state_dict: dict[str, torch.Tensor | QuantTensor] = {}
     for tensor in reader.tensors:
-        shape = tuple(reversed([int(d) for d in tensor.shape]))  # ggml order is reversed
-        data = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
-        weight = np.array(data, dtype=np.float32).reshape(shape)  # (out, in), a writable copy
         name = hf_tensor_name(tensor.name)
-        if arch in _PERMUTED_QK and name.endswith(("q_proj.weight", "k_proj.weight")):
-            is_q = name.endswith("q_proj.weight")
+        shape = tuple(reversed([int(d) for d in tensor.shape]))  # ggml order is reversed
+        num_rows = int(np.prod(shape[:-1]))  # 1 for a vector
+        rows = np.ascontiguousarray(tensor.data).view(np.uint8).reshape(num_rows, -1)
+        if config["model_type"] in _PERMUTED_QK and name.endswith(_QK_NAMES):
+            is_q = name.endswith(_QK_NAMES[0])
             n_head = config["num_attention_heads"] if is_q else config["num_key_value_heads"]
-            weight = unpermute_qk(weight, n_head)  # (n_head * head_dim, hidden)
-        state_dict[name] = torch.from_numpy(weight)  # (out, in) float32
+            rows = unpermute_qk(rows, n_head)  # (n_head * head_dim, row_bytes)
+        data = torch.from_numpy(np.array(rows))  # (num_rows, row_bytes) uint8, a copy
+        if int(tensor.tensor_type) == F32_TYPE:
+            state_dict[name] = data.view(torch.float32).reshape(shape)
+        else:
+            state_dict[name] = QuantTensor(data, int(tensor.tensor_type), shape[-1])
     config["tie_word_embeddings"] = "lm_head.weight" not in state_dict
     return config, state_dict
 

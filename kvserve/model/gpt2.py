@@ -93,6 +93,5 @@ class GPT2LMHeadModel(CausalLM):
         hidden: Tensor = self.transformer.ln_f(x)  # (num_tokens, hidden)
         return hidden
 
-    def output_embedding(self) -> Tensor:
-        head = self.transformer.wte if self.lm_head is None else self.lm_head
-        return head.weight  # (vocab, hidden)
+    def output_head(self) -> nn.Module:
+        return self.transformer.wte if self.lm_head is None else self.lm_head

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, plan_attention
 from kvserve.model.config import ModelConfig
+from kvserve.model.quant_linear import QuantEmbedding
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "silu": F.silu,
@@ -32,7 +33,7 @@ def get_activation(name: str) -> Callable[[Tensor], Tensor]:
 class CausalLM(nn.Module):
     """What the model runner calls: `forward` for hidden states, `compute_logits` for logits.
 
-    Subclasses set `config` and implement `forward` and `output_embedding`.
+    Subclasses set `config` and implement `forward` and `output_head`.
     """
 
     config: ModelConfig
@@ -52,13 +53,25 @@ class CausalLM(nn.Module):
         """
         raise NotImplementedError
 
-    def output_embedding(self) -> Tensor:
-        """(vocab, hidden) weight of the LM head (the input embedding when tied)."""
+    def output_head(self) -> nn.Module:
+        """The LM head: an `nn.Linear` (or `QuantLinear`) without bias, or the input embedding
+        (`nn.Embedding` or `QuantEmbedding`) when tied."""
         raise NotImplementedError
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype hidden states are computed in (the float parameters' dtype)."""
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
         """(n, hidden) -> (n, vocab) float32; pass only the rows that are sampled."""
-        return F.linear(hidden_states, self.output_embedding()).float()  # (n, vocab)
+        head = self.output_head()
+        if isinstance(head, nn.Embedding):
+            return F.linear(hidden_states, head.weight).float()  # (n, vocab)
+        if isinstance(head, QuantEmbedding):
+            return head.logits(hidden_states)  # (n, vocab)
+        logits: Tensor = head(hidden_states)  # (n, vocab)
+        return logits.float()
 
     def plan_layers(
         self, md: AttentionMetadata | None, cached: bool, device: torch.device

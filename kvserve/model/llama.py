@@ -125,6 +125,5 @@ class LlamaForCausalLM(CausalLM):
         hidden: Tensor = self.model.norm(x)  # (num_tokens, hidden)
         return hidden
 
-    def output_embedding(self) -> Tensor:
-        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
-        return head.weight  # (vocab, hidden)
+    def output_head(self) -> nn.Module:
+        return self.model.embed_tokens if self.lm_head is None else self.lm_head

@@ -21,22 +21,37 @@ exceptions to "same name, same shape" are this table:
 
 GGUF files are read by `kvserve.model.gguf.load_gguf`, which returns HF names and HF shapes
 (Q/K already un-permuted), so they go through the same table.
+
+Weights as stored (`weight_format="auto"`): a checkpoint matrix in a ggml block format (a
+`QuantTensor`, from a .gguf file or from a safetensors file that kvserve wrote with
+`save_stored`) that lands in a linear layer or the input embedding stays in its format, and the
+layer becomes a `QuantLinear` / `QuantEmbedding` (quant_linear.py). That needs a float32 model
+on the CPU and a format kvserve's C++ kernel reads; anything else is dequantized to float32 on
+load, which `weight_format="float32"` does for every tensor.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from kvserve.model.config import ModelConfig
 from kvserve.model.layers import CausalLM, MergedLinear
+from kvserve.model.quant_linear import QuantTensor
 from kvserve.model.registry import get_model_class
+from kvserve.model.stored_weights import (
+    STORABLE_MODULES,
+    read_safetensors,
+    stored_summary,
+    swap_in_stored,
+    uses_stored_weights,
+)
 
 # HF projection -> (fused kvserve parameter, shard index): the stacked rows of the table above.
 STACKED_PARAMS: dict[str, tuple[str, int]] = {
@@ -54,13 +69,21 @@ GPT2_CONV1D_WEIGHTS = (
 )
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", ".attn.bias", ".attn.masked_bias")
 
+logger = logging.getLogger("kvserve")
+
 __all__ = ["CausalLM", "build_model", "load_model", "load_weights"]
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    weight_format: str = "auto",
 ) -> CausalLM:
     """Load the model at `path` (an HF folder or a .gguf file) in eval mode.
+
+    `weight_format`: "auto" keeps stored-format matrices as stored where the kernel applies
+    (see the module docstring); "float32" dequantizes every tensor.
 
     Raises:
         FileNotFoundError: no such path, no config.json, no safetensors, a missing shard.
@@ -70,7 +93,10 @@ def load_model(
     hf_config, weight_files, tensors = _open_checkpoint(Path(path))
     config = ModelConfig.from_hf_config(hf_config, weight_files)
     model = build_model(config, dtype, device)
-    load_weights(model, tensors)
+    keep = weight_format == "auto" and dtype == torch.float32 and torch.device(device).type == "cpu"
+    load_weights(model, tensors, keep_stored=keep)
+    if uses_stored_weights(model):
+        logger.info("weights: %s", stored_summary(model))
     return model
 
 
@@ -88,11 +114,22 @@ def build_model(config: ModelConfig, dtype: torch.dtype, device: str | torch.dev
 class _Target(NamedTuple):
     dest: Tensor  # the parameter, or its rows for one stacked HF tensor
     transpose: bool
+    module: str | None  # the linear / embedding whose weight this is (may stay as stored)
+    row_offset: int  # where its rows start in that weight
 
 
-def load_weights(model: CausalLM, tensors: Iterable[tuple[str, Tensor]]) -> None:
-    """Copy (HF name, tensor) pairs into `model`, strictly, by the table in this module."""
+def load_weights(
+    model: CausalLM,
+    tensors: Iterable[tuple[str, Tensor | QuantTensor]],
+    keep_stored: bool = False,
+) -> None:
+    """Load (HF name, tensor) pairs into `model`, strictly, by the table in this module.
+
+    `keep_stored`: stored-format matrices of linear layers and the embedding stay as stored
+    where the kernel reads their format; otherwise every `QuantTensor` is dequantized.
+    """
     targets = _targets(model)
+    kept: dict[str, dict[int, QuantTensor]] = {}  # module -> row offset -> stored piece
     with torch.no_grad():
         for raw_name, tensor in tensors:
             name = _checkpoint_name(raw_name, model.config)
@@ -104,18 +141,28 @@ def load_weights(model: CausalLM, tensors: Iterable[tuple[str, Tensor]]) -> None
                     f"unexpected tensor {raw_name!r} in the checkpoint "
                     "(no parameter takes it, or it appears twice)"
                 )
-            source = tensor.t() if target.transpose else tensor
-            if source.shape != target.dest.shape:
-                expected = target.dest.shape[::-1] if target.transpose else target.dest.shape
-                raise ValueError(
-                    f"tensor {raw_name!r}: shape {tuple(tensor.shape)} in the checkpoint, "
-                    f"the model expects {tuple(expected)}"
-                )
-            target.dest.copy_(source)
+            _check_shape(raw_name, tuple(tensor.shape), target)
+            if isinstance(tensor, QuantTensor):
+                if keep_stored and target.module is not None and tensor.kernel_reads:
+                    kept.setdefault(target.module, {})[target.row_offset] = tensor
+                    continue
+                tensor = tensor.dequantize().reshape(tensor.shape)  # (rows, in) float32
+            target.dest.copy_(tensor.t() if target.transpose else tensor)
     if targets:
         missing = sorted(targets)
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise ValueError(f"tensors missing from the checkpoint: {', '.join(missing[:5])}{more}")
+    for module_name, pieces in kept.items():
+        swap_in_stored(model, module_name, pieces)
+
+
+def _check_shape(raw_name: str, shape: tuple[int, ...], target: _Target) -> None:
+    expected = target.dest.shape[::-1] if target.transpose else target.dest.shape
+    if shape != tuple(expected):
+        raise ValueError(
+            f"tensor {raw_name!r}: shape {shape} in the checkpoint, "
+            f"the model expects {tuple(expected)}"
+        )
 
 
 def _targets(model: CausalLM) -> dict[str, _Target]:
@@ -125,16 +172,18 @@ def _targets(model: CausalLM) -> dict[str, _Target]:
     for param_name, param in model.named_parameters():
         module_name, _, leaf = param_name.rpartition(".")
         module = model.get_submodule(module_name)
+        transpose = is_gpt2 and param_name.endswith(GPT2_CONV1D_WEIGHTS)
+        storable = leaf == "weight" and not transpose and isinstance(module, STORABLE_MODULES)
+        owner = module_name if storable else None
         if not isinstance(module, MergedLinear):
-            transpose = is_gpt2 and param_name.endswith(GPT2_CONV1D_WEIGHTS)
-            targets[param_name] = _Target(param, transpose)
+            targets[param_name] = _Target(param, transpose, owner, 0)
             continue
         parent, _, fused = module_name.rpartition(".")
         pieces = sorted((i, hf) for hf, (f, i) in STACKED_PARAMS.items() if f == fused)
         offset = 0
         for (_, hf_name), size in zip(pieces, module.output_sizes, strict=True):
             rows = param.narrow(0, offset, size)  # (size, *param.shape[1:])
-            targets[f"{parent}.{hf_name}.{leaf}"] = _Target(rows, False)
+            targets[f"{parent}.{hf_name}.{leaf}"] = _Target(rows, False, owner, offset)
             offset += size
     return targets
 
@@ -154,7 +203,7 @@ def _checkpoint_name(name: str, config: ModelConfig) -> str | None:
 
 def _open_checkpoint(
     path: Path,
-) -> tuple[dict[str, Any], list[tuple[str, int]], Iterator[tuple[str, Tensor]]]:
+) -> tuple[dict[str, Any], list[tuple[str, int]], Iterator[tuple[str, Tensor | QuantTensor]]]:
     """(HF config dict, weight files as (name, bytes), iterator of (HF name, tensor))."""
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such model folder or .gguf file")
@@ -171,7 +220,7 @@ def _open_checkpoint(
     hf_config = json.loads(config_file.read_text())
     files = _safetensors_files(path)
     weight_files = [(f.name, f.stat().st_size) for f in files]
-    return hf_config, weight_files, _read_safetensors(files)
+    return hf_config, weight_files, read_safetensors(files)
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
@@ -190,10 +239,3 @@ def _safetensors_files(folder: Path) -> list[Path]:
             "convert it to safetensors)"
         )
     return files
-
-
-def _read_safetensors(files: list[Path]) -> Iterator[tuple[str, Tensor]]:
-    for f in files:
-        with safe_open(str(f), framework="pt", device="cpu") as st:
-            for name in st.keys():  # noqa: SIM118 (safe_open is not a dict)
-                yield name, st.get_tensor(name)

@@ -33,7 +33,12 @@ def llm() -> LLM:
 
 
 def test_greedy_matches_transformers_on_the_same_gguf(llm: LLM) -> None:
+    """With the weights as stored (the default): Q4_1 / Q8_0 blocks through the C++ kernel."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvserve.model.stored_weights import uses_stored_weights
+
+    assert uses_stored_weights(llm.engine.model_runner.model)
 
     folder, name = _gguf_location()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)

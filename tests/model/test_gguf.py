@@ -12,6 +12,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from kvserve.model.gguf import load_gguf
+from kvserve.model.quant_linear import QuantTensor
+from tests.gguf_files import head_dim as _head_dim
+from tests.gguf_files import write_gguf as _write_gguf
 
 _TINY = dict(
     vocab_size=320,
@@ -26,69 +29,6 @@ _TINY = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
-_LAYER_PARTS = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-}
-_GLOBALS = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-}
-
-
-def _gguf_name(hf_name: str) -> str:
-    base, kind = hf_name.rsplit(".", 1)
-    if base in _GLOBALS:
-        return f"{_GLOBALS[base]}.{kind}"
-    _, _, layer, part = base.split(".", 3)
-    return f"blk.{layer}.{_LAYER_PARTS[part]}.{kind}"
-
-
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute (rotate-half -> interleaved)."""
-    return (
-        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
-        .swapaxes(1, 2)
-        .reshape(w.shape)
-    )
-
-
-def _write_gguf(path: str, arch: str, config, state_dict: dict[str, torch.Tensor]) -> None:
-    writer = gguf.GGUFWriter(path, arch)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
-    writer.add_rope_dimension_count(_head_dim(config))
-    writer.add_bos_token_id(config.bos_token_id)
-    writer.add_eos_token_id(config.eos_token_id)
-    for name, tensor in state_dict.items():
-        w = tensor.numpy().astype(np.float32)
-        if arch == "llama" and name.endswith("q_proj.weight"):
-            w = _permute(w, config.num_attention_heads)
-        elif arch == "llama" and name.endswith("k_proj.weight"):
-            w = _permute(w, config.num_key_value_heads)
-        writer.add_tensor(_gguf_name(name), w)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-
-
-def _head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def _tiny_model(arch: str, tied: bool) -> torch.nn.Module:
@@ -163,7 +103,10 @@ def test_default_gguf_matches_transformers() -> None:
         "model.layers.29.input_layernorm.weight",
         "model.norm.weight",
     ):
-        torch.testing.assert_close(state_dict[key], expected[key], rtol=1e-5, atol=1e-6)
+        value = state_dict[key]
+        got = value.dequantize().reshape(value.shape) if isinstance(value, QuantTensor) else value
+        torch.testing.assert_close(got, expected[key], rtol=1e-5, atol=1e-6)
+    assert isinstance(state_dict["model.layers.7.mlp.down_proj.weight"], QuantTensor)
     assert "lm_head.weight" not in state_dict
     assert config["tie_word_embeddings"] is True
     assert (config["num_hidden_layers"], config["hidden_size"], config["head_dim"]) == (30, 576, 64)
@@ -187,7 +130,7 @@ def test_default_model_cache_is_atomic_and_reused(tmp_path, monkeypatch) -> None
     from kvserve import default_model as default
 
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
-    target = tmp_path / "kvserve" / "models" / "SmolLM2-135M-Instruct-Q4_1"
+    target = tmp_path / "kvserve" / "models" / "SmolLM2-135M-Instruct-Q4_1.v2"
     calls: list[str] = []
     monkeypatch.setattr(default, "convert_gguf_to_hf", _fake_conversion(calls, fail=True))
     with pytest.raises(RuntimeError, match="crash"):
@@ -213,17 +156,22 @@ def test_missing_wheel_says_how_to_install(monkeypatch) -> None:
 
 @pytest.mark.slow
 def test_default_model_conversion(tmp_path, monkeypatch) -> None:
-    from safetensors.torch import load_file
+    from pathlib import Path
 
     from kvserve import default_model as default
+    from kvserve.model.stored_weights import read_safetensors
     from kvserve.tokenizer import apply_chat_template, load_tokenizer
 
     monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
     folder = default.resolve_default_model()
     assert os.path.isfile(os.path.join(folder, default.MARKER_FILE))
-    weights = load_file(os.path.join(folder, "model.safetensors"))
+    weights = dict(read_safetensors([Path(folder) / "model.safetensors"]))
     assert "lm_head.weight" not in weights and len(weights) == 2 + 30 * 9
-    assert weights["model.embed_tokens.weight"].shape == (49152, 576)
+    embedding = weights["model.embed_tokens.weight"]  # as stored: Q8_0 rows of 612 bytes
+    assert isinstance(embedding, QuantTensor) and embedding.shape == (49152, 576)
+    assert embedding.data.shape == (49152, 612) and embedding.qtype == 8
+    down = weights["model.layers.0.mlp.down_proj.weight"]
+    assert isinstance(down, QuantTensor) and down.qtype == 3  # Q4_1
     tokenizer = load_tokenizer(folder)
     ids = apply_chat_template(tokenizer, [{"role": "user", "content": "Hi"}])
     assert ids[0] == 1 and ids[-4:] == tokenizer.encode("<|im_start|>assistant\n")

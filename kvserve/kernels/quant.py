@@ -1,0 +1,72 @@
+"""Linear layers over GGUF weights as stored: the C++ kernel (quant_linear.cpp) and its builds.
+
+Formats read as stored, by ggml type id: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K, Q6_K
+(`QUANT_TYPES`). One source, three builds, chosen from the instruction set torch dispatches to
+(`torch.backends.cpu.get_cpu_capability()`):
+
+    capability    build       flags
+    AVX512        avx512      -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
+    AVX2          avx2        -mavx2 -mfma -mf16c
+    anything else portable    none (the compiler's baseline for the machine)
+
+Each build takes about 20 s once per machine (torch's extension cache, `TORCH_EXTENSIONS_DIR`)
+and loads in well under a second afterwards. Where no build is possible (no C++ compiler,
+a failed build) `quant_kernel()` is None and the loader dequantizes the weights to float32
+instead (kvserve/model/quant_linear.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger("kvserve")
+
+_SOURCE = Path(__file__).with_name("quant_linear.cpp")
+
+# ggml type id -> name, for the formats the kernel reads (gguf.GGMLQuantizationType values).
+QUANT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K",
+               14: "Q6_K"}  # fmt: skip
+
+_BUILD_FLAGS = {
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "portable": [],
+}  # fmt: skip
+
+# Steps with at most this many rows run the decode path (each weight row dequantized once
+# into L1 and dotted with every row); more rows go through tiles and torch's GEMM.
+GEMV_MAX_ROWS = 16
+
+
+def build_for(capability: str) -> str:
+    """The build a CPU capability gets: avx512, avx2 or portable."""
+    return {"AVX512": "avx512", "AVX2": "avx2"}.get(capability, "portable")
+
+
+@functools.cache
+def quant_kernel(build: str | None = None) -> Any | None:
+    """The built extension (`quant_linear`, `dequantize`, `dequantize_rows`) for `build`
+    (default: this CPU's), or None where it cannot be built."""
+    build = build or build_for(torch.backends.cpu.get_cpu_capability())
+    from torch.utils.cpp_extension import load
+
+    start = time.perf_counter()
+    try:
+        module = load(
+            name=f"kvserve_quant_linear_{build}",
+            sources=[str(_SOURCE)],
+            extra_cflags=["-O3", "-fopenmp", *_BUILD_FLAGS[build]],
+            extra_ldflags=["-fopenmp"],
+        )
+    except Exception as error:  # no compiler, no ninja, a failed build: dequantize instead
+        logger.warning("C++ quantized linear unavailable, weights dequantized: %s", error)
+        return None
+    logger.info("C++ quantized linear (%s) ready in %.1f s", build, time.perf_counter() - start)
+    return module

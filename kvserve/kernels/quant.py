@@ -27,7 +27,7 @@ import torch
 
 logger = logging.getLogger("kvserve")
 
-_SOURCE = Path(__file__).with_name("quant_linear.cpp")
+_SOURCE = Path(__file__).with_name("quant_linear.cpp")  # includes quant_blocks.h
 
 # ggml type id -> name, for the formats the kernel reads (gguf.GGMLQuantizationType values).
 QUANT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K",

@@ -27,7 +27,8 @@ import torch
 
 logger = logging.getLogger("kvserve")
 
-_SOURCE = Path(__file__).with_name("quant_linear.cpp")  # includes quant_blocks.h
+# quant_linear.cpp (includes quant_blocks.h) and the per-layer ops of a decode step.
+_SOURCES = [Path(__file__).with_name(f) for f in ("quant_linear.cpp", "layer_ops.cpp")]
 
 # ggml type id -> name, for the formats the kernel reads (gguf.GGMLQuantizationType values).
 QUANT_TYPES = {0: "F32", 1: "F16", 30: "BF16", 2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K",
@@ -61,7 +62,7 @@ def quant_kernel(build: str | None = None) -> Any | None:
     try:
         module = load(
             name=f"kvserve_quant_linear_{build}",
-            sources=[str(_SOURCE)],
+            sources=[str(f) for f in _SOURCES],
             extra_cflags=["-O3", "-fopenmp", *_BUILD_FLAGS[build]],
             extra_ldflags=["-fopenmp"],
         )

@@ -225,7 +225,16 @@ at::Tensor dequantize_rows(const at::Tensor& w, int64_t type, int64_t k, const a
   return out;
 }
 
+// layer_ops.cpp
+at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                    const at::Tensor& weight, double eps);
+void rope_(at::Tensor x, int64_t num_heads, const at::Tensor& cos_sin, const at::Tensor& positions);
+at::Tensor silu_mul(const at::Tensor& gate_up);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rms_norm", &rms_norm, "RMSNorm of x, after residual += x when a residual is given");
+  m.def("rope_", &rope_, "rotate-half RoPE in place on the first num_heads heads");
+  m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
   m.def("quant_linear", &quant_linear, "x @ dequantize(W)^T + bias, W in a ggml block format");
   m.def("dequantize", &dequantize, "W (N, row_bytes) in a ggml block format -> (N, K) float32");
   m.def("dequantize_rows", &dequantize_rows, "rows ids of W -> (len(ids), K) float32");

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, plan_attention
 from kvserve.model.config import ModelConfig
+from kvserve.model.fast_ops import add_rms_norm, rms_norm
 from kvserve.model.quant_linear import QuantEmbedding
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -106,11 +107,17 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # (num_tokens, hidden)
+        return rms_norm(x, self.weight, self.eps)  # (num_tokens, hidden)
+
+    def add_norm(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """(norm(residual + x), residual + x): a pre-norm layer's residual add and norm in one
+        (`residual` may be updated in place)."""
+        return add_rms_norm(x, residual, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):
-    """HF rotate-half RoPE with a cos/sin table for every position, computed once.
+    """HF rotate-half RoPE's cos/sin table for every position, computed once; layers rotate
+    with `fast_ops.rotate_qk` (same values as HF's `x * cos + rotate_half(x) * sin`).
 
     The table is built on the CPU even when the model is built on the meta device (the loader
     then moves it with `.to(device)`). Row p is [cos(p * inv_freq) | sin(p * inv_freq)].
@@ -125,18 +132,6 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(positions, inv_freq)  # (P, head_dim // 2)
         table = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, head_dim)
         self.register_buffer("cos_sin", table, persistent=False)
-
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """(num_tokens,) -> cos and sin, each (num_tokens, 1, head_dim // 2)."""
-        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)  # (T, 1, hd // 2) x2
-        return cos, sin
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (num_tokens, num_heads, head_dim) by positions; same values as HF's
-    `x * cos + rotate_half(x) * sin` with its doubled tables."""
-    x1, x2 = x.chunk(2, dim=-1)  # (num_tokens, num_heads, head_dim // 2) x2
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)  # (T, heads, hd)
 
 
 def _inv_freq(config: ModelConfig) -> Tensor:

@@ -11,14 +11,11 @@ from torch import Tensor, nn
 
 from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, attention
 from kvserve.model.config import ModelConfig
-from kvserve.model.layers import (
-    CausalLM,
-    MergedLinear,
-    RMSNorm,
-    RotaryEmbedding,
-    apply_rope,
-    get_activation,
-)
+from kvserve.model.fast_ops import rotate_qk, silu_mul
+from kvserve.model.layers import CausalLM, MergedLinear, RMSNorm, RotaryEmbedding, get_activation
+
+# A layer's RoPE inputs: positions (T,) and the cos/sin table (P, head_dim) they index.
+Rope = tuple[Tensor, Tensor]
 
 
 class LlamaAttention(nn.Module):
@@ -38,13 +35,13 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: tuple[Tensor, Tensor],
+        rope: Rope,
         kv_cache: KVCache | None,
         plan: AttentionPlan | None,
     ) -> Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x).view(num_tokens, -1, self.head_dim)  # (T, heads + 2 kv, hd)
-        qk = apply_rope(qkv[:, : self.num_heads + self.num_kv_heads], *rope)  # (T, h + kv, hd)
+        qk = rotate_qk(qkv, self.num_heads + self.num_kv_heads, *rope)  # (T, h + kv, hd)
         q, k = torch.split(qk, [self.num_heads, self.num_kv_heads], dim=1)  # (T, h|kv, hd)
         v = qkv[:, self.num_heads + self.num_kv_heads :]  # (T, num_kv_heads, head_dim)
         out = attention(q, k, v, kv_cache, plan, self.scale, self.layer_idx)  # (T, heads, hd)
@@ -59,10 +56,16 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], bias=config.mlp_bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
         self.act = get_activation(config.hidden_act)
+        self.is_silu = config.hidden_act == "silu"
 
     def forward(self, x: Tensor) -> Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, intermediate) x2
-        out: Tensor = self.down_proj(self.act(gate) * up)  # (T, hidden)
+        gate_up = self.gate_up_proj(x)  # (T, 2 * intermediate)
+        if self.is_silu:
+            activated = silu_mul(gate_up)  # (T, intermediate)
+        else:
+            gate, up = gate_up.chunk(2, dim=-1)  # (T, intermediate) x2
+            activated = self.act(gate) * up
+        out: Tensor = self.down_proj(activated)  # (T, hidden)
         return out
 
 
@@ -77,13 +80,20 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rope: tuple[Tensor, Tensor],
+        residual: Tensor | None,
+        rope: Rope,
         kv_cache: KVCache | None,
         plan: AttentionPlan | None,
-    ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, plan)  # (T, hidden)
-        out: Tensor = x + self.mlp(self.post_attention_layernorm(x))  # (T, hidden)
-        return out
+    ) -> tuple[Tensor, Tensor]:
+        """(this layer's MLP output, the residual stream before it): the next layer (or the
+        final norm) adds the two, in its norm. The first layer gets residual=None."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)  # (T, hidden) x2
+        else:
+            h, residual = self.input_layernorm.add_norm(x, residual)  # (T, hidden) x2
+        h = self.self_attn(h, rope, kv_cache, plan)  # (T, hidden)
+        h, residual = self.post_attention_layernorm.add_norm(h, residual)  # (T, hidden) x2
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -118,11 +128,14 @@ class LlamaForCausalLM(CausalLM):
         kv_caches: list[KVCache] | None,
     ) -> Tensor:
         plans = self.plan_layers(attn_metadata, kv_caches is not None, input_ids.device)
-        rope = self.model.rotary_emb(positions)  # cos, sin: (T, 1, head_dim // 2) x2
+        rope = (positions, self.model.rotary_emb.cos_sin)
         x = self.model.embed_tokens(input_ids)  # (num_tokens, hidden)
+        residual = None
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, rope, None if kv_caches is None else kv_caches[i], plans[i])  # (T, hid)
-        hidden: Tensor = self.model.norm(x)  # (num_tokens, hidden)
+            kv_cache = None if kv_caches is None else kv_caches[i]
+            x, residual = layer(x, residual, rope, kv_cache, plans[i])  # (T, hidden) x2
+        assert residual is not None, "a model has at least one layer"
+        hidden, _ = self.model.norm.add_norm(x, residual)  # (num_tokens, hidden)
         return hidden
 
     def output_head(self) -> nn.Module:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+from kvserve.cli.startup import log_ready
 from kvserve.config import EngineConfig
 from kvserve.sampling_params import SamplingParams
 
@@ -57,6 +58,7 @@ def run_generate(args: argparse.Namespace) -> int:
     from kvserve.llm import LLM
 
     llm = LLM(**dataclasses.asdict(EngineConfig.from_cli_args(args)))
+    log_ready("engine")
     params = sampling_params_from_args(args)
     for prompt in args.prompt:
         if args.chat:
@@ -71,6 +73,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from kvserve.llm import LLM
 
     llm = LLM(**dataclasses.asdict(EngineConfig.from_cli_args(args)))
+    log_ready("engine")
     params = sampling_params_from_args(args)
     history: list[dict[str, str]] = []
     if args.system:
@@ -97,9 +100,10 @@ def _read_lines() -> Iterator[str]:
 def _stream_to_stdout(llm: Any, prompt: Any, params: SamplingParams) -> str:
     """Print text as it is generated, then one line of stats; return the text."""
     start = time.perf_counter()
-    printed, output = "", None
+    printed, output, first_token = "", None, 0.0
     peak_blocks = 0
     for output in llm.generate_stream(prompt, params):
+        first_token = first_token or time.perf_counter() - start
         text = output.outputs[0].text
         if text.startswith(printed):
             sys.stdout.write(text[len(printed) :])
@@ -114,7 +118,8 @@ def _stream_to_stdout(llm: Any, prompt: Any, params: SamplingParams) -> str:
     final: str = completion.text
     print(final[len(printed) :])
     print(
-        f"[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s; "
+        f"[{num_tokens} tokens in {elapsed:.2f} s, {num_tokens / elapsed:.1f} tok/s, first after "
+        f"{first_token:.2f} s; "
         f"prompt {len(output.prompt_token_ids)} tokens ({output.num_cached_tokens} cached); "
         f"KV blocks used: {peak_blocks} of {total_blocks}; finish: {completion.finish_reason}]",
         file=sys.stderr,

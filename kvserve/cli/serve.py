@@ -6,6 +6,7 @@ import argparse
 import os
 from typing import Any
 
+from kvserve.cli.startup import log_ready
 from kvserve.config import EngineConfig
 from kvserve.server.limits import add_limit_args
 
@@ -34,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
     engine = Engine(EngineConfig.from_cli_args(args))
+    log_ready("engine")
     name = args.served_model_name or model_name(engine.model_path)
     async_engine = AsyncEngine(engine)
     serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)

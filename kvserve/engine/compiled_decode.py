@@ -28,6 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvserve.engine.compile_cache import (
+    compile_cache_counts,
+    frozen_graph_cache,
+    log_compile_cache_use,
+    use_compile_cache_dir,
+)
+from kvserve.engine.decode_chunks import cheapest_chunks
 from kvserve.kv.kv_cache import KVCaches
 from kvserve.model.attention import AttentionBackend, AttentionMetadata, attention_step
 from kvserve.model.layers import CausalLM
@@ -58,6 +65,7 @@ class CompiledDecode:
         self.model = model
         self.sizes = tuple(sorted(sizes))
         self.backend = backend
+        self.cache_dir = use_compile_cache_dir()  # before anything compiles (compile_cache.py)
         dynamo_config: Any = torch._dynamo.config
         # Each engine adds its own entries to code objects shared by every engine of the
         # process (the decode forward per bucket, the backend's graphs per shape class and
@@ -90,17 +98,7 @@ class CompiledDecode:
             return [bucket]
         plan = self._chunk_plans.get(num_rows)
         if plan is None:
-            # best[r]: (cost, chunks) for r rows; ties go to the larger first chunk
-            best: list[tuple[float, int, list[int]]] = [(0.0, 0, [])]
-            for rows in range(1, num_rows + 1):
-                best.append(
-                    min(
-                        (self._costs[size] + best[max(0, rows - size)][0], -size,
-                         [size, *best[max(0, rows - size)][2]])
-                        for size in self.sizes
-                    )
-                )  # fmt: skip
-            plan = self._chunk_plans[num_rows] = best[num_rows][2]
+            plan = self._chunk_plans[num_rows] = cheapest_chunks(self._costs, num_rows)
         return plan
 
     def run(
@@ -167,23 +165,14 @@ class CompiledDecode:
             return self._hidden(input_ids, positions)  # (num_tokens, hidden)
 
     def warmup(self, kv_caches: KVCaches, block_size: int, device: torch.device) -> None:
-        """Compile every bucket now (about a minute each), then what the attention backend
-        compiles, then the variable-length graph, so no request waits for one."""
+        """Compile every bucket now (a minute each; seconds from the compile cache), then what
+        the attention backend compiles, then the variable-length graph, so no request waits."""
         empty = torch.zeros(0, dtype=torch.long, device=device)  # (0,)
         md = self._metadata(0, block_size, device)
-        for size in self.sizes:
-            start = time.perf_counter()
-            try:
-                self.run(empty, empty, md, kv_caches, bucket=size)
-            except torch._inductor.exc.InductorError as error:
-                # The C++ GEMM template has no kernel for some (small) shapes; inductor says
-                # so only by failing. Let it choose ATen (MKL) for those.
-                logger.warning(
-                    "compile: %s; retrying with ATen GEMMs allowed", str(error).splitlines()[0]
-                )
-                self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"
-                self.run(empty, empty, md, kv_caches, bucket=size)
-            logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
+        before = compile_cache_counts()
+        with frozen_graph_cache(self.model):
+            for size in self.sizes:
+                self._compile_bucket(size, empty, md, kv_caches)
         self._measure_costs(empty, md, kv_caches)
         start = time.perf_counter()
         config = self.model.config
@@ -196,6 +185,24 @@ class CompiledDecode:
         two = torch.zeros(2, dtype=torch.long, device=device)  # a 2-token prompt, null block
         self.run_hidden(two, two.clone(), self._metadata(2, block_size, device), kv_caches)
         logger.info("compiled variable-length steps in %.1f s", time.perf_counter() - start)
+        log_compile_cache_use(self.cache_dir, before)
+
+    def _compile_bucket(
+        self, size: int, empty: torch.Tensor, md: AttentionMetadata, kv_caches: KVCaches
+    ) -> None:
+        """The first (compiling) call of one bucket, on an empty step."""
+        start = time.perf_counter()
+        try:
+            self.run(empty, empty, md, kv_caches, bucket=size)
+        except torch._inductor.exc.InductorError as error:
+            # The C++ GEMM template has no kernel for some (small) shapes; inductor says
+            # so only by failing. Let it choose ATen (MKL) for those.
+            logger.warning(
+                "compile: %s; retrying with ATen GEMMs allowed", str(error).splitlines()[0]
+            )
+            self._inductor_config["max_autotune_gemm_backends"] = "CPP,ATEN"
+            self.run(empty, empty, md, kv_caches, bucket=size)
+        logger.info("compiled decode batch %d in %.1f s", size, time.perf_counter() - start)
 
     def _metadata(
         self, num_tokens: int, block_size: int, device: torch.device

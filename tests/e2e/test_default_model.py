@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,8 @@ def test_cli_generate_streams_and_reports() -> None:
     )  # fmt: skip
     assert result.stdout.strip()
     assert "8 tokens in" in result.stderr and "KV blocks used:" in result.stderr
+    assert re.search(r"engine ready in \d+\.\d s", result.stderr)  # start-up time, logged
+    assert re.search(r"first after \d+\.\d\d s", result.stderr)
 
 
 def test_multi_turn_chat_reuses_the_earlier_turns(llm: LLM) -> None:

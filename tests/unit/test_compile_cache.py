@@ -57,6 +57,16 @@ def test_weights_key_changes_with_any_weight_and_dtype() -> None:
     assert weights_key(model.to(torch.bfloat16)) not in (key, changed)
 
 
+def test_weights_key_covers_weights_as_stored() -> None:
+    from kvserve.model.quant_linear import QuantLinear, QuantTensor
+
+    blocks = torch.zeros(4, 18, dtype=torch.uint8)  # 4 rows of one Q4_0 block
+    model = QuantLinear([QuantTensor(blocks, 2, 32)], bias=None)  # non-persistent buffers
+    key = weights_key(model)
+    blocks[3, 17] = 1
+    assert weights_key(model) != key
+
+
 def test_frozen_graph_cache_tags_the_key_and_restores_onednn() -> None:
     model = nn.Linear(4, 4)
     enabled = torch.backends.mkldnn.enabled

@@ -176,7 +176,9 @@ def main() -> None:
         if system.key not in args.systems.split(","):
             continue
         print(f"running {system.label}", file=sys.stderr, flush=True)
+        load_before = os.getloadavg()[0]
         result = run_system(system, spec, model)
+        result["load_avg_1m"] = [load_before, os.getloadavg()[0]]  # others' work skews speeds
         if "skipped" not in result:
             kept = kept_types(system)
             report.add_derived(result, tensors, kept, reference["greedy_ids"], bandwidth)

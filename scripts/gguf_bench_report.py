@@ -73,19 +73,21 @@ def add_derived(
 
 
 def speed_table(results: dict[str, Any], labels: dict[str, str], baseline: str) -> list[str]:
-    """Markdown rows: each workload's median rate, decode against `baseline`, RSS, greedy check.
+    """Markdown rows: each workload's median rate, decode against `baseline`, RSS, greedy check,
+    and the 1-minute load average before and after the system ran (other work skews speeds).
 
     Decode workloads show decode tok/s; prefill workloads prompt tok/s (prompt tokens / TTFT).
     """
     names = [workload.name for workload in WORKLOADS]
     units = [f"{w.name} tok/s" + (" (TTFT)" if w.output_len == 1 else "") for w in WORKLOADS]
-    header = ["system", *units, f"{DECODE} vs {labels[baseline]}", "peak RSS", "greedy vs HF"]
-    rows = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 2) + "|---|"]
+    ratio = f"{DECODE} vs {labels[baseline]}"
+    header = ["system", *units, ratio, "peak RSS", "greedy vs HF", "load avg"]
+    rows = ["| " + " | ".join(header) + " |", "|---" + "|---:" * (len(header) - 3) + "|---|---:|"]
     base = results["systems"].get(baseline, {}).get("workloads")
     for key, label in labels.items():
         result = results["systems"].get(key, {"skipped": "not run"})
         if "skipped" in result:
-            rows.append(f"| {label} |" + " - |" * (len(header) - 2) + f" {result['skipped']} |")
+            rows.append(f"| {label} |" + " - |" * (len(header) - 3) + f" {result['skipped']} | - |")
             continue
         cells = [label, *(_rate(result["workloads"][name]) for name in names)]
         decode = result["workloads"][DECODE]["median_decode_tok_s"]
@@ -93,6 +95,7 @@ def speed_table(results: dict[str, Any], labels: dict[str, str], baseline: str) 
         cells.append(f"{result['peak_rss_mib']:.0f} MiB")
         at = result["diverges_at"]
         cells.append("agrees" if at is None else f"diverges at {at}")
+        cells.append("{:.1f}-{:.1f}".format(*result["load_avg_1m"]))
         rows.append("| " + " | ".join(cells) + " |")
     return rows
 

@@ -3,7 +3,7 @@
     <repo>/.bench-envs/                      git-ignored
         llamacpp/                            venv with llama-cpp-python built from its sdist
             kvserve-built.json               version + CMAKE_ARGS, written after a good build
-        gguf-f32/<stem>.F32.gguf             F32 copies written by llama.cpp's own quantizer
+        gguf-f32/<stem>.<bytes>.F32.gguf     F32 copies written by llama.cpp's own quantizer
 
 The build compiles llama.cpp (ggml CPU backend only, no BLAS, no GPU) for this CPU with
 `-DGGML_NATIVE=ON`, so ggml uses every vector extension the machine has (AVX2, AVX-512,
@@ -52,7 +52,8 @@ def llamacpp_python() -> str:
 def f32_copy(gguf_path: str, python: str) -> str:
     """An F32 copy of `gguf_path` (every tensor dequantized), written once by llama.cpp."""
     stem = os.path.basename(gguf_path).removesuffix(".gguf")
-    target = os.path.join(ENVS, "gguf-f32", f"{stem}.F32.gguf")
+    size = os.path.getsize(gguf_path)  # two files of one name are told apart by size
+    target = os.path.join(ENVS, "gguf-f32", f"{stem}.{size}.F32.gguf")
     if not os.path.exists(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
         partial = target + ".partial"

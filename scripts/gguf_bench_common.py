@@ -9,7 +9,6 @@ ids as they are decoded; `run_spec` times every workload through it the same way
 
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -61,5 +60,8 @@ def run_spec(stream: Stream, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size: VmHWM, which starts afresh at exec (ru_maxrss
+    would carry over the parent's peak, since it survives fork and exec)."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024  # kB

@@ -1,6 +1,6 @@
 """kvserve against llama.cpp on the same GGUF file, in one run (issue 18).
 
-    .venv/bin/python scripts/gguf_bench.py [--gguf PATH] [--threads 2] [--iters 3]
+    PYTHONPATH=. .venv/bin/python scripts/gguf_bench.py [--gguf PATH] [--threads 2] [--iters 3]
         [--systems llamacpp-gguf,llamacpp-f32,kvserve-auto,kvserve-f32] [--out results.json]
 
 The first run builds llama-cpp-python from source into .bench-envs/llamacpp/ (git-ignored; see
@@ -37,6 +37,7 @@ import gguf_bench_env as env
 import gguf_bench_report as report
 import torch
 
+import kvserve
 from kvserve.bench.workloads import random_prompts
 from kvserve.config import EngineConfig
 from kvserve.default_model import default_gguf_path
@@ -46,6 +47,8 @@ CHECK_LEN = 32
 # Tensor types kvserve's weight_format="auto" keeps as stored (issue 18); others become float32.
 KVSERVE_KEPT_TYPES = frozenset({"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K"})
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The kvserve children import the kvserve this process imported (PYTHONPATH=. picks a checkout's).
+KVSERVE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(kvserve.__file__)))
 
 
 class System(NamedTuple):
@@ -122,7 +125,8 @@ def run_child(python: str, script: str, mode: str, spec: dict[str, Any]) -> dict
         spec_path, result_path = os.path.join(folder, "spec.json"), os.path.join(folder, "out.json")
         with open(spec_path, "w") as f:
             json.dump(spec, f)
-        child_env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
+        python_path = os.pathsep.join(filter(None, [KVSERVE_ROOT, os.environ.get("PYTHONPATH")]))
+        child_env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), PYTHONPATH=python_path)
         command = [python, os.path.join(HERE, script), mode, spec_path, result_path]
         subprocess.run(command, check=True, env=child_env, cwd=os.path.dirname(HERE))
         with open(result_path) as f:

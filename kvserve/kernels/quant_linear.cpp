@@ -139,7 +139,7 @@ void dot_buffer(const float* w, const float* x, int rows, int64_t k, float* sums
 // is dequantized once into an L1 buffer and every row of x is dotted with it, kRows at a time.
 void gemv(const Weight& w, int64_t type, const float* x, int64_t m, const float* bias,
           float* out) {
-  const FusedFn fused = m <= kRows ? fused_fn(type, int(m)) : nullptr;
+  const FusedFn fused = m >= 1 && m <= kRows ? fused_fn(type, int(m)) : nullptr;
   at::parallel_for(0, w.rows, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(fused ? 0 : w.k);
     float sums[kRows];
@@ -192,6 +192,7 @@ at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type,
               "quant_linear: x must be a contiguous (M, K) float32 tensor");
   const Weight weight = weight_of(w, type, x.size(1));
   at::Tensor out = at::empty({x.size(0), weight.rows}, x.options());  // (M, N)
+  if (x.size(0) == 0) return out;  // a step that samples no row
   if (x.size(0) <= gemv_max_rows) {
     const float* b = bias.has_value() ? bias->data_ptr<float>() : nullptr;
     gemv(weight, type, x.data_ptr<float>(), x.size(0), b, out.data_ptr<float>());

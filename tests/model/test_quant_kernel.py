@@ -19,9 +19,10 @@ from tests.gguf_files import random_blocks
 from tests.helpers import decode_kernel_expected
 
 FORMATS = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16, T.BF16, T.F32]
-# Rows of x: the fused remainders (1-3), whole groups of 4, the largest decode step, and the
+# Rows of x: none (a step that samples nothing), the fused remainders (1-3), whole groups of 4,
+# the largest decode step, and the
 # tiled GEMM path above it.
-ROWS = [1, 2, 3, 4, 7, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 70]
+ROWS = [0, 1, 2, 3, 4, 7, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 70]
 
 
 def _builds() -> list[str]:

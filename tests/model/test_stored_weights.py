@@ -120,6 +120,17 @@ def test_q4_k_m_mix_and_tied_head(tmp_path) -> None:
     assert _greedy(path) == _greedy(path, weight_format="float32") == expected
 
 
+def test_chunked_prefill_steps_that_sample_nothing(tmp_path) -> None:
+    """A 60-token prompt in 8-token chunks: most steps compute logits for no row."""
+    path, _ = _checkpoint(tmp_path, "llama", T.Q4_1, tied=True)
+    prompt = [(7 * i) % 300 + 3 for i in range(60)]
+    outputs = {}
+    for weight_format in ("auto", "float32"):
+        engine = make_engine(path, weight_format=weight_format, max_num_batched_tokens=8)
+        outputs[weight_format] = run_engine(engine, [prompt], GREEDY)[0].outputs[0].token_ids
+    assert outputs["auto"] == outputs["float32"] and len(outputs["auto"]) == 16
+
+
 def test_qwen2_biases_stay_float(tmp_path) -> None:
     path, config = _checkpoint(tmp_path, "qwen2", T.Q8_0)
     model = load_model(path)

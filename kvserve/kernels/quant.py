@@ -43,7 +43,7 @@ _BUILD_FLAGS = {
 
 # Steps with at most this many rows run the decode path (each weight row dequantized once
 # into L1 and dotted with every row); more rows go through tiles and torch's GEMM.
-GEMV_MAX_ROWS = 16
+GEMV_MAX_ROWS = 32
 
 
 def build_for(capability: str) -> str:

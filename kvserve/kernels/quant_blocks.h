@@ -131,6 +131,13 @@ inline void block_bf16(const uint8_t* __restrict b, float* __restrict out) {
 #define KVSERVE_FUSED_BLOCKS 1
 constexpr int kPerBlock = 32 / kLanes;  // vectors per 32-value block: 2 or 4
 
+// The f16 at p as a float, by the F16C instruction.
+inline float half_f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
 // The two f16 at p as floats [p0, p1] broadcast: (d, m).
 inline void two_halves(const uint8_t* p, Vec& a, Vec& b) {
   uint32_t bits;
@@ -162,7 +169,7 @@ inline void nibbles(__m128i q, Vec* out) {
 
 struct DecodeQ4_0 {
   static void block(const uint8_t* b, Vec* w) {
-    const Vec d = Vec(half_at(b)), eight = Vec(8.0f);
+    const Vec d = Vec(half_f16c(b)), eight = Vec(8.0f);
     nibbles(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2)), w);
     for (int j = 0; j < kPerBlock; ++j) w[j] = (w[j] - eight) * d;
   }
@@ -179,7 +186,7 @@ struct DecodeQ4_1 {
 
 struct DecodeQ8_0 {
   static void block(const uint8_t* b, Vec* w) {
-    const Vec d = Vec(half_at(b));
+    const Vec d = Vec(half_f16c(b));
     for (int j = 0; j < kPerBlock; ++j) {
       const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 2 + j * kLanes));
 #if defined(CPU_CAPABILITY_AVX512)

@@ -10,7 +10,7 @@
 //     weight row is dequantized into an L1-resident buffer and dotted with every row of x,
 //     kRows rows at a time. The weight bytes are read once per step.
 //   large M (prefill chunks): a tile of output rows is dequantized into a float32 buffer that
-//     fits in L2 and handed to torch's GEMM (MKL / oneDNN), which reuses it across all M rows.
+//     fits in L2 (1 MB) and handed to torch's GEMM (MKL / oneDNN), which reuses it across all M rows.
 //
 // The instruction set comes from the build flags (kvserve/kernels/quant.py builds AVX-512,
 // AVX2 and portable variants): the block decoders are in quant_blocks.h, the FMA loops use
@@ -170,9 +170,9 @@ void dequantize_into(const Weight& w, int64_t begin, int64_t count, float* tile)
   });
 }
 
-// The prefill path: L2-sized float32 tiles of W through torch's GEMM.
+// The prefill path: 1 MB float32 tiles of W (an L2's worth) through torch's GEMM.
 void tiled_gemm(const Weight& w, const at::Tensor& x, at::Tensor& out) {
-  const int64_t tile_rows = std::max<int64_t>(16, (256 * 1024) / (w.k * 4));
+  const int64_t tile_rows = std::max<int64_t>(16, (1024 * 1024) / (w.k * 4));
   at::Tensor tile = at::empty({tile_rows, w.k}, x.options());  // (tile_rows, K)
   for (int64_t n0 = 0; n0 < w.rows; n0 += tile_rows) {
     const int64_t count = std::min(tile_rows, w.rows - n0);

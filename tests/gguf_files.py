@@ -13,6 +13,20 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 
+# A tiny Llama / Qwen2 config (transformers' keyword arguments).
+TINY_CONFIG = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=5000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 # The K-quants: byte offset of the float16 super-block scale d, and its largest value (weights
 # of about 0.1, like tests/conftest.py's).
 _SCALE_FIELDS = {T.Q4_K: (0, 1e-3), T.Q6_K: (208, 1e-4)}

@@ -13,22 +13,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from kvserve.model.gguf import load_gguf
 from kvserve.model.quant_linear import QuantTensor
+from tests.gguf_files import TINY_CONFIG
 from tests.gguf_files import head_dim as _head_dim
 from tests.gguf_files import write_gguf as _write_gguf
 
-_TINY = dict(
-    vocab_size=320,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=5000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_TINY = TINY_CONFIG
 
 
 def _tiny_model(arch: str, tied: bool) -> torch.nn.Module:

@@ -19,22 +19,10 @@ from kvserve.model.quant_linear import QuantEmbedding, QuantLinear
 from kvserve.model.stored_weights import read_safetensors, save_stored
 from kvserve.sampling_params import SamplingParams
 from tests.conftest import _randomize
-from tests.gguf_files import write_gguf
+from tests.gguf_files import TINY_CONFIG, write_gguf
 from tests.helpers import make_engine, run_engine
 
-_TINY = dict(
-    vocab_size=320,
-    hidden_size=256,  # the K-quants' 256-value blocks
-    intermediate_size=512,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=256,
-    rms_norm_eps=1e-5,
-    rope_theta=5000.0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
+_TINY = {**TINY_CONFIG, "hidden_size": 256, "intermediate_size": 512}  # K-quant blocks: 256
 PROMPTS = [[5, 17, 99, 3, 250], [7, 7, 300, 42]]
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
 # A Q4_K_M-like mix: most matrices Q4_K, V and down Q6_K, the embedding Q8_0.

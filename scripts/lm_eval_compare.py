@@ -151,6 +151,21 @@ def agreement(work: Path) -> dict[str, float]:
     return {"cloze_max_abs_loglikelihood_diff": max(gaps), "next_same_generation": same}
 
 
+def float32_hf_folder(out: Path) -> str:
+    """An HF folder of the default model in float32, written by transformers from the GGUF
+    (kvserve's converted folder keeps the weights as GGUF blocks, which transformers cannot
+    read), with the converted folder's tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvserve.default_model import default_gguf_path
+
+    gguf_folder, gguf_name = os.path.split(default_gguf_path())
+    model = AutoModelForCausalLM.from_pretrained(gguf_folder, gguf_file=gguf_name)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(resolve_default_model()).save_pretrained(out)
+    return str(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
@@ -158,8 +173,8 @@ def main() -> int:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
     python = ensure_lmeval()
-    folder = resolve_default_model()  # the converted HF folder: weights + tokenizer
     work = Path(tempfile.mkdtemp(prefix="kvserve-lmeval-"))
+    folder = float32_hf_folder(work / "hf-float32")  # transformers' baseline: weights + tokenizer
     write_tasks(work / "tasks")
     report: dict[str, object] = {"limit": args.limit, "model": folder}
     server_args = ["--served-model-name", SERVED_NAME, "--max-model-len", "512"]

@@ -81,7 +81,10 @@ def compile_cache_dir() -> str:
     """`<cache>/kvserve/compile/<torch version>-<machine>-<CPU capability>-<vector ISA>`."""
     from torch._inductor.cpu_vec_isa import pick_vec_isa
 
-    isa = str(pick_vec_isa()) or "novec"  # e.g. "avx512 avx512_vnni"
+    try:
+        isa = str(pick_vec_isa()) or "novec"  # e.g. "avx512 avx512_vnni"
+    except AttributeError:  # inductor's config not fully set up in this process
+        isa = "unknown"
     capability = torch.backends.cpu.get_cpu_capability()
     name = f"torch-{torch.__version__}-{platform.machine()}-{capability}-{isa}".lower()
     return os.path.join(cache_root(), "kvserve", "compile", re.sub(r"[^a-z0-9._-]", "_", name))

@@ -5,6 +5,7 @@ transformers on the same weights."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -122,9 +123,13 @@ def test_chat_stream_logprobs_equal_whole(server: str) -> None:
 def test_lm_eval_request_matches_transformers(server: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = resolve_default_model()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    from kvserve.default_model import default_gguf_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_default_model())
+    gguf_folder, gguf_name = os.path.split(default_gguf_path())  # the converted folder's
+    model = AutoModelForCausalLM.from_pretrained(  # weights are GGUF blocks: read the GGUF
+        gguf_folder, gguf_file=gguf_name, dtype=torch.float32
+    ).eval()
     context = tokenizer.encode("In the beginning God created")
     choices = [tokenizer.encode(" the heaven and the earth"), tokenizer.encode(" a small cat")]
     prompts = [context + choice for choice in choices]

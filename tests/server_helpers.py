@@ -107,12 +107,16 @@ class StepGate:
     even start) until the test says so, however fast the machine is.
 
     Wraps `engine.step`: each step waits for a permit (`allow(k)`), or none once `open()`.
+    `before_step`, when set, runs on the engine's thread once the permit is given, just
+    before the step (e.g. the AsyncEngine's pending commands, so requests that arrived while
+    the step was held join it).
     """
 
     def __init__(self, engine: Engine) -> None:
         self._cond = threading.Condition()
         self._permits: int | None = 0  # None: open
         self.num_steps = 0
+        self.before_step: Callable[[], None] | None = None
         step = engine.step
 
         def gated_step() -> list[RequestOutput]:
@@ -120,6 +124,8 @@ class StepGate:
                 self._cond.wait_for(lambda: self._permits is None or self._permits > 0)
                 if self._permits is not None:
                     self._permits -= 1
+            if self.before_step is not None:
+                self.before_step()
             outputs = step()
             with self._cond:
                 self.num_steps += 1

@@ -12,8 +12,8 @@ Each call is one round trip; `num_leading` is one pipeline of EXISTS.
 
 A failed command (refused, timed out, any Redis error) counts `stats.errors`, is a miss or a
 refused put, and takes the store down. While down it skips Redis: instant misses and refused
-puts, not counted as errors, one log line per outage. Once the backoff delay has passed, the
-next call tries again; a success brings the store back up:
+puts, not counted as errors; one warning per outage, an info line per failed retry. Once the
+backoff delay has passed, the next call tries again; a success brings the store back up:
 
     up ──fails──> down, retry at now + delay ──delay passed, next call──> up (delay reset)
                                                                      └──> down (delay doubled)
@@ -85,6 +85,12 @@ class RedisStore(KVStore):
             raise ValueError(f"kv_remote_url: cannot be parsed ({self.url!r}): {error}") from None
         self._call(self._client.ping)
 
+    @property
+    def is_up(self) -> bool:
+        """Whether the last call reached Redis (False while down and backing off)."""
+        with self._lock:
+            return self._delay == 0.0
+
     def redis_key(self, key: bytes) -> bytes:
         """The Redis key that holds block hash `key`."""
         return self._prefix + key.hex().encode()
@@ -147,14 +153,22 @@ class RedisStore(KVStore):
             was_up = self._delay == 0.0
             self._delay = FIRST_BACKOFF_S if was_up else min(2 * self._delay, MAX_BACKOFF_S)
             self._retry_at = self._clock() + self._delay
+            delay = self._delay
+        message = f"{type(error).__name__}: {error}"
+        if self._password:
+            message = message.replace(self._password, "***")
         if was_up:
-            message = f"{type(error).__name__}: {error}"
-            if self._password:
-                message = message.replace(self._password, "***")
             logger.warning(
                 "Redis KV tier %s unreachable (%s); running without it, retrying with backoff",
                 self.url,
                 message,
+            )
+        else:  # a retry failed: at most one line per backoff delay
+            logger.info(
+                "Redis KV tier %s still unreachable (%s); next try in %.1f s",
+                self.url,
+                message,
+                delay,
             )
 
     def _came_up(self) -> None:

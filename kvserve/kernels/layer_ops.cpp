@@ -1,5 +1,6 @@
 // The small per-layer ops of a Llama decode step in one call each: RMSNorm (with the residual
-// add folded in), rotate-half RoPE in place, and SiLU(gate) * up. At batch 1 each of these is a
+// add folded in), rotate-half RoPE in place, SiLU(gate) * up, and the write of the new tokens'
+// K and V into a float32 paged cache. At batch 1 each of these is a
 // few hundred floats, so torch's composite versions (5-8 ATen calls each) cost more in dispatch
 // than in arithmetic; here each is one loop. Float32 only; the summation order of RMSNorm's mean
 // differs from torch's, nothing else does. Built into the same extension as quant_linear.cpp.
@@ -9,6 +10,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstring>
 
 namespace {
 
@@ -125,4 +127,39 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
     }
   });
   return out;
+}
+
+// The new tokens' K and V, (T, kv_heads, head_dim) each (a token's heads contiguous, tokens at
+// any stride: views into the fused qkv output), copied to slots[t] of the float32 caches
+// (num_blocks, block_size, kv_heads, head_dim), flattened to (num_slots, kv_heads * head_dim).
+// One call for both, where index_copy_ costs two dispatches of ~5 us each per layer.
+void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots) {
+  TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.dim() == 4 &&
+                  k_cache.is_contiguous() && v_cache.sizes() == k_cache.sizes() &&
+                  v_cache.scalar_type() == at::kFloat && v_cache.is_contiguous(),
+              "kv_write_: caches must be contiguous float32 (blocks, block_size, heads, dim)");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.dim() == 1 && slots.is_contiguous(),
+              "kv_write_: slots must be a contiguous (T,) int64 tensor");
+  const int64_t t = slots.size(0), row = k_cache.size(2) * k_cache.size(3);
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  for (const at::Tensor* x : {&k, &v}) {
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->dim() == 3 && x->size(0) == t &&
+                    x->size(1) * x->size(2) == row && x->stride(2) == 1 &&
+                    x->stride(1) == x->size(2),
+                "kv_write_: k and v must be float32 (T, kv_heads, head_dim), heads contiguous");
+  }
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t; ++i) {
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < num_slots, "kv_write_: slot ", slot[i], " out of range");
+  }
+  const size_t bytes = size_t(row) * sizeof(float);
+  const float* ks = k.data_ptr<float>();
+  const float* vs = v.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  for (int64_t i = 0; i < t; ++i) {
+    std::memcpy(kc + slot[i] * row, ks + i * k.stride(0), bytes);
+    std::memcpy(vc + slot[i] * row, vs + i * v.stride(0), bytes);
+  }
 }

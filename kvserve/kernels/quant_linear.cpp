@@ -231,11 +231,14 @@ at::Tensor rms_norm(const at::Tensor& x, const c10::optional<at::Tensor>& residu
                     const at::Tensor& weight, double eps);
 void rope_(at::Tensor x, int64_t num_heads, const at::Tensor& cos_sin, const at::Tensor& positions);
 at::Tensor silu_mul(const at::Tensor& gate_up);
+void kv_write_(at::Tensor k_cache, at::Tensor v_cache, const at::Tensor& k, const at::Tensor& v,
+               const at::Tensor& slots);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm, "RMSNorm of x, after residual += x when a residual is given");
   m.def("rope_", &rope_, "rotate-half RoPE in place on the first num_heads heads");
   m.def("silu_mul", &silu_mul, "silu(gate) * up of [gate | up]");
+  m.def("kv_write_", &kv_write_, "new tokens' K and V into a float32 paged cache at slots");
   m.def("quant_linear", &quant_linear, "x @ dequantize(W)^T + bias, W in a ggml block format");
   m.def("dequantize", &dequantize, "W (N, row_bytes) in a ggml block format -> (N, K) float32");
   m.def("dequantize_rows", &dequantize_rows, "rows ids of W -> (len(ids), K) float32");

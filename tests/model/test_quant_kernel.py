@@ -97,3 +97,24 @@ def test_bad_shapes_are_errors_not_crashes(kernel) -> None:
         kernel.dequantize(data, int(T.Q5_K), 64)
     with pytest.raises(RuntimeError, match="out of range"):
         kernel.dequantize_rows(data, int(T.Q4_0), 64, torch.tensor([8]))
+
+
+def test_kv_write_puts_each_tokens_heads_at_its_slot(kernel) -> None:
+    """K and V as the fused qkv output holds them (views, tokens strided) land exactly where
+    index_copy_ puts them; other slots keep their values."""
+    blocks, block_size, kv_heads, head_dim = 4, 4, 2, 8
+    qkv = torch.randn(3, 4 + 2 * kv_heads, head_dim)  # (T, q heads + k + v, head_dim)
+    k, v = qkv[:, 4 : 4 + kv_heads], qkv[:, 4 + kv_heads :]  # (T, kv_heads, head_dim) views
+    slots = torch.tensor([13, 2, 7])
+    k_cache = torch.randn(blocks, block_size, kv_heads, head_dim)
+    v_cache = torch.randn(blocks, block_size, kv_heads, head_dim)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    want_k.view(-1, kv_heads, head_dim).index_copy_(0, slots, k)
+    want_v.view(-1, kv_heads, head_dim).index_copy_(0, slots, v)
+    kernel.kv_write_(k_cache, v_cache, k, v, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    with pytest.raises(RuntimeError, match="slot 16 out of range"):
+        kernel.kv_write_(k_cache, v_cache, k, v, torch.tensor([0, 1, 16]))
+    assert torch.equal(k_cache, want_k)  # checked before anything is written
+    with pytest.raises(RuntimeError, match="heads contiguous"):
+        kernel.kv_write_(k_cache, v_cache, k.transpose(1, 2), v, slots)

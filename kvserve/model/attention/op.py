@@ -16,14 +16,24 @@ from torch import Tensor
 
 from kvserve.kv.quant import LayerKV, write_layer
 from kvserve.model.attention.planning import AttentionPlan
+from kvserve.model.fast_ops import layer_ops
 
 KVCache = LayerKV  # one layer's K/V blocks (and scales when quantized), kv/quant.py
 
 
 def write_kv(k: Tensor, v: Tensor, kv_cache: KVCache, slot_mapping: Tensor) -> None:
     """Store the new tokens' K/V (num_tokens, num_kv_heads, head_dim) at their slots,
-    quantized to the cache's format."""
+    quantized to the cache's format: a float32 cache on the CPU in one C++ call."""
+    ops = layer_ops(k) if kv_cache.k.dtype == torch.float32 else None
+    if ops is not None and _heads_contiguous(k) and _heads_contiguous(v):
+        ops.kv_write_(kv_cache.k, kv_cache.v, k, v, slot_mapping)
+        return
     write_layer(kv_cache, k, v, slot_mapping)
+
+
+def _heads_contiguous(x: Tensor) -> bool:
+    """Whether each token's heads of x (T, heads, head_dim) are one contiguous run."""
+    return x.stride(2) == 1 and x.stride(1) == x.shape[2]
 
 
 def paged_attention(

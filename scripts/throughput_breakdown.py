@@ -1,6 +1,7 @@
 """Where `kvserve bench throughput`'s time goes: engine steps grouped by kind.
 
     .venv/bin/python scripts/throughput_breakdown.py --compile-sizes 64
+    .venv/bin/python scripts/throughput_breakdown.py --compile-sizes '' --weight-format float32
 
 The bench's workload (64 prompts of 32-512 tokens, seed 0, 128 tokens each) run step by step;
 prints, per kind of step (prefill only, prefill chunks mixed with decodes, decode only), the
@@ -21,9 +22,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--compile-sizes", default="1,2,4,8,16,32,64", help="'' = eager")
     parser.add_argument("--num-threads", type=int, default=2)
+    parser.add_argument("--weight-format", default="auto", choices=["auto", "float32"])
     args = parser.parse_args()
     sizes = tuple(int(s) for s in args.compile_sizes.split(",") if s)
-    llm = LLM(num_threads=args.num_threads, compile=bool(sizes), compile_sizes=sizes or (1,))
+    llm = LLM(
+        num_threads=args.num_threads,
+        compile=bool(sizes),
+        compile_sizes=sizes or (1,),
+        weight_format=args.weight_format,
+    )
     engine = llm.engine
     vocab, exclude = wl.token_space(llm)
     prompts = wl.random_prompts(wl.prompt_lengths(64, 32, 512, 0), vocab, "breakdown", exclude)

@@ -41,9 +41,18 @@ _BUILD_FLAGS = {
     "portable": [],
 }  # fmt: skip
 
-# Steps with at most this many rows run the decode path (each weight row dequantized once
-# into L1 and dotted with every row); more rows go through tiles and torch's GEMM.
-GEMV_MAX_ROWS = 32
+# Steps with at most this many rows run the panel path (4 weight rows at a time dequantized
+# into L1, dotted with every row of x in register blocks); more rows go through 1 MB float32
+# tiles and torch's GEMM. Measured per build on the model's Q4_1 matrices (AMD EPYC, 2 threads,
+# docs/benchmarks.md): the AVX-512 panels (4 x 4 register blocks) beat the tiles at every row
+# count from 1 to 2,048, so AVX-512 never tiles; the AVX2 panels (2 x 4) tie them at 32-64 rows
+# and lose from 256.
+GEMV_MAX_ROWS = {"avx512": 1 << 30, "avx2": 64, "portable": 32}
+
+
+def gemv_max_rows(build: str | None = None) -> int:
+    """The panel path's row limit for `build` (default: this CPU's)."""
+    return GEMV_MAX_ROWS[build or build_for(torch.backends.cpu.get_cpu_capability())]
 
 
 def build_for(capability: str) -> str:

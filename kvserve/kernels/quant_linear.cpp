@@ -7,10 +7,12 @@
 //
 //   small M (decode rows): each thread takes a range of output rows. Up to kRows rows of x,
 //     the block-32 formats are decoded in registers and multiplied in at once; otherwise each
-//     weight row is dequantized into an L1-resident buffer and dotted with every row of x,
-//     kRows rows at a time. The weight bytes are read once per step.
-//   large M (prefill chunks): a tile of output rows is dequantized into a float32 buffer that
-//     fits in L2 (1 MB) and handed to torch's GEMM (MKL / oneDNN), which reuses it across all M rows.
+//     panel of 4 weight rows is dequantized into an L1-resident buffer and dotted with every
+//     row of x in register blocks. The weight bytes are read once per step.
+//     Blocks of 256 rows of x pass over the panels one after another, so x stays in L2.
+//   large M (prefill chunks, above gemv_max_rows): a tile of output rows is dequantized into a
+//     float32 buffer that fits in L2 (1 MB) and handed to torch's GEMM (MKL / oneDNN), which
+//     reuses it across all M rows. kernels/quant.py sets the threshold per build.
 //
 // The instruction set comes from the build flags (kvserve/kernels/quant.py builds AVX-512,
 // AVX2 and portable variants): the block decoders are in quant_blocks.h, the FMA loops use
@@ -28,7 +30,7 @@ namespace {
 
 using namespace kvserve_quant;
 
-constexpr int kRows = 4;  // rows of x dotted against one weight row at a time
+constexpr int kRows = 4;  // the most rows of x the fused kernels take at once
 
 struct Weight {
   const uint8_t* data;
@@ -54,28 +56,6 @@ inline float lane_sum(const Vec& v) {
   float sum = 0.0f;
   for (int i = 0; i < kLanes; ++i) sum += lanes[i];
   return sum;
-}
-
-// sums[r] = dot(w, x[r]) for R rows of x (row stride ldx), K a multiple of kLanes.
-template <int R>
-inline void dot_rows(const float* w, const float* x, int64_t ldx, int64_t k, float* sums) {
-  Vec acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = Vec(0.0f);
-  int64_t i = 0;
-  for (; i + 2 * kLanes <= k; i += 2 * kLanes) {
-    const Vec w0 = Vec::loadu(w + i), w1 = Vec::loadu(w + i + kLanes);
-    for (int r = 0; r < R; ++r) {
-      acc[r][0] = at::vec::fmadd(w0, Vec::loadu(x + r * ldx + i), acc[r][0]);
-      acc[r][1] = at::vec::fmadd(w1, Vec::loadu(x + r * ldx + i + kLanes), acc[r][1]);
-    }
-  }
-  for (; i < k; i += kLanes) {
-    const Vec w0 = Vec::loadu(w + i);
-    for (int r = 0; r < R; ++r) acc[r][0] = at::vec::fmadd(w0, Vec::loadu(x + r * ldx + i), acc[r][0]);
-  }
-  for (int r = 0; r < R; ++r) {
-    sums[r] = lane_sum(acc[r][0] + acc[r][1]);
-  }
 }
 
 #if defined(KVSERVE_FUSED_BLOCKS)
@@ -125,40 +105,104 @@ using FusedFn = void (*)(const Weight&, const uint8_t*, const float*, float*);
 FusedFn fused_fn(int64_t, int) { return nullptr; }
 #endif
 
-void dot_buffer(const float* w, const float* x, int rows, int64_t k, float* sums) {
+// A panel of kPanel weight rows is dequantized into L1 and dotted with the rows of x in
+// register blocks of (rows of x) x (rows of W): each loaded vector feeds several FMAs, where
+// one weight row at a time leaves the loop bound by loads. AVX-512's 32 registers hold a 4 x 4
+// block of accumulators; AVX2's 16 hold 2 x 4.
+constexpr int kPanel = 4;
+constexpr int64_t kMBlock = 256;  // rows of x per pass over the panels (1.5 MB at K = 1536)
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr int kBlockX = 4;
+#else
+constexpr int kBlockX = 2;
+#endif
+
+// out[r * ldo + c] = dot(w[c], x[r]) for R rows of x (stride ldx) and C rows of w (stride k),
+// K a multiple of kLanes.
+template <int R, int C>
+void dot_block(const float* w, const float* x, int64_t ldx, int64_t k, float* out, int64_t ldo) {
+  Vec acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = Vec(0.0f);
+  for (int64_t i = 0; i < k; i += kLanes) {
+    Vec wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = Vec::loadu(w + c * k + i);
+    for (int r = 0; r < R; ++r) {
+      const Vec xv = Vec::loadu(x + r * ldx + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = at::vec::fmadd(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) out[r * ldo + c] = lane_sum(acc[r][c]);
+}
+
+using DotBlockFn = void (*)(const float*, const float*, int64_t, int64_t, float*, int64_t);
+
+template <int R>
+DotBlockFn dot_block_for(int cols) {
+  switch (cols) {
+    case 1: return dot_block<R, 1>;
+    case 2: return dot_block<R, 2>;
+    case 3: return dot_block<R, 3>;
+    default: return dot_block<R, kPanel>;
+  }
+}
+
+// The register block for `rows` (1 to kBlockX) rows of x and `cols` (1 to kPanel) of W.
+DotBlockFn dot_block_fn(int rows, int cols) {
   switch (rows) {
-    case 1: return dot_rows<1>(w, x, k, k, sums);
-    case 2: return dot_rows<2>(w, x, k, k, sums);
-    case 3: return dot_rows<3>(w, x, k, k, sums);
-    default: return dot_rows<4>(w, x, k, k, sums);
+    case 1: return dot_block_for<1>(cols);
+#if defined(CPU_CAPABILITY_AVX512)
+    case 2: return dot_block_for<2>(cols);
+    case 3: return dot_block_for<3>(cols);
+    default: return dot_block_for<4>(cols);
+#else
+    default: return dot_block_for<2>(cols);
+#endif
   }
 }
 
 // out[m, n] = dot(W[n], x[m]) + bias[n] for all m, n: the decode path. Up to kRows rows of x,
-// a format with a fused kernel decodes each block in registers once; otherwise each weight row
-// is dequantized once into an L1 buffer and every row of x is dotted with it, kRows at a time.
+// a format with a fused kernel decodes each block in registers once; otherwise each panel of
+// kPanel weight rows is dequantized once into an L1 buffer and every row of x is dotted with it
+// in register blocks (dot_block).
 void gemv(const Weight& w, int64_t type, const float* x, int64_t m, const float* bias,
           float* out) {
   const FusedFn fused = m >= 1 && m <= kRows ? fused_fn(type, int(m)) : nullptr;
-  at::parallel_for(0, w.rows, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(fused ? 0 : w.k);
-    float sums[kRows];
-    for (int64_t n = begin; n < end; ++n) {
-      const uint8_t* row = w.data + n * w.row_bytes;
-      const float b = bias ? bias[n] : 0.0f;
-      if (fused) {
-        fused(w, row, x, sums);
+  if (fused) {
+    at::parallel_for(0, w.rows, 16, [&](int64_t begin, int64_t end) {
+      float sums[kRows];
+      for (int64_t n = begin; n < end; ++n) {
+        fused(w, w.data + n * w.row_bytes, x, sums);
+        const float b = bias ? bias[n] : 0.0f;
         for (int64_t i = 0; i < m; ++i) out[i * w.rows + n] = sums[i] + b;
-        continue;
       }
-      w.row(row, w.num_blocks, w.layout, buf.data());
-      for (int64_t r = 0; r < m; r += kRows) {
-        const int rows = int(std::min<int64_t>(kRows, m - r));
-        dot_buffer(buf.data(), x + r * w.k, rows, w.k, sums);
-        for (int i = 0; i < rows; ++i) out[(r + i) * w.rows + n] = sums[i] + b;
+    });
+    return;
+  }
+  const int64_t num_panels = (w.rows + kPanel - 1) / kPanel;
+  for (int64_t m0 = 0; m0 < m; m0 += kMBlock) {  // x rows that stay in L2 across the panels
+    const int64_t m1 = std::min(m, m0 + kMBlock);
+    at::parallel_for(0, num_panels, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> buf(kPanel * w.k);  // (kPanel, K)
+      for (int64_t p = begin; p < end; ++p) {
+        const int64_t n0 = p * kPanel;
+        const int cols = int(std::min<int64_t>(kPanel, w.rows - n0));
+        for (int c = 0; c < cols; ++c) {
+          w.row(w.data + (n0 + c) * w.row_bytes, w.num_blocks, w.layout, buf.data() + c * w.k);
+        }
+        for (int64_t r = m0; r < m1; r += kBlockX) {
+          const int rows = int(std::min<int64_t>(kBlockX, m1 - r));
+          dot_block_fn(rows, cols)(buf.data(), x + r * w.k, w.k, w.k, out + r * w.rows + n0,
+                                   w.rows);
+        }
+        if (bias) {
+          for (int64_t r = m0; r < m1; ++r)
+            for (int c = 0; c < cols; ++c) out[r * w.rows + n0 + c] += bias[n0 + c];
+        }
       }
-    }
-  });
+    });
+  }
 }
 
 // Rows [begin, begin + count) of W into tile (count, K) float32.

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kvserve.kernels.quant import GEMV_MAX_ROWS, QUANT_TYPES, quant_kernel
+from kvserve.kernels.quant import QUANT_TYPES, gemv_max_rows, quant_kernel
 
 F32_TYPE = 0  # ggml's id for float32: a float tensor joining quantized pieces
+_GEMV_MAX_ROWS = gemv_max_rows()  # this CPU's build: where the kernel's panel path stops
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ def _kernel() -> Any:
 
 @torch.library.custom_op("kvserve::quant_linear", mutates_args=())
 def _quant_linear_op(x: Tensor, data: Tensor, qtype: int, bias: Tensor | None) -> Tensor:
-    out: Tensor = _kernel().quant_linear(x, data, qtype, bias, GEMV_MAX_ROWS)
+    out: Tensor = _kernel().quant_linear(x, data, qtype, bias, _GEMV_MAX_ROWS)
     return out
 
 
@@ -95,7 +96,7 @@ def quant_matmul(x: Tensor, data: Tensor, qtype: int, bias: Tensor | None = None
     if torch.compiler.is_compiling():
         out: Tensor = _quant_linear_op(x, data, qtype, bias)
         return out
-    out = _kernel().quant_linear(x, data, qtype, bias, GEMV_MAX_ROWS)
+    out = _kernel().quant_linear(x, data, qtype, bias, _GEMV_MAX_ROWS)
     return out  # (M, rows)
 
 

@@ -8,21 +8,24 @@ tested: AVX-512 (on an AVX-512 machine), AVX2, and the portable one.
 
 from __future__ import annotations
 
+import itertools
+
 import gguf
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as T
 
-from kvserve.kernels.quant import GEMV_MAX_ROWS, build_for, quant_kernel
+from kvserve.kernels.quant import build_for, quant_kernel
 from tests.gguf_files import random_blocks
 from tests.helpers import decode_kernel_expected
 
 FORMATS = [T.Q4_0, T.Q4_1, T.Q8_0, T.Q4_K, T.Q6_K, T.F16, T.BF16, T.F32]
 # Rows of x: none (a step that samples nothing), the fused remainders (1-3), whole groups of 4,
-# the largest decode step, and the
-# tiled GEMM path above it.
-ROWS = [0, 1, 2, 3, 4, 7, GEMV_MAX_ROWS, GEMV_MAX_ROWS + 1, 70]
+# odd counts, and more than one 256-row block of the panel path.
+ROWS = [0, 1, 2, 3, 4, 7, 33, 70, 300]
+# gemv_max_rows: every row count through the panel path, then through the tiled GEMM.
+PATHS = {"panels": 1 << 30, "tiles": 0}
 
 
 def _builds() -> list[str]:
@@ -78,21 +81,21 @@ def test_linear_equals_float32_matmul(kernel, qtype: T, bias: bool) -> None:
     data = torch.from_numpy(_stored(rows, cols, qtype, seed=1))
     weight = _reference(data.numpy(), qtype, cols)  # (rows, cols)
     b = torch.randn(rows) if bias else None
-    for m in ROWS:
+    for m, (path, limit) in itertools.product(ROWS, PATHS.items()):
         x = torch.randn(m, cols)
-        got = kernel.quant_linear(x, data, int(qtype), b, GEMV_MAX_ROWS)  # (m, rows)
+        got = kernel.quant_linear(x, data, int(qtype), b, limit)  # (m, rows)
         expected = torch.nn.functional.linear(
             x.double(), weight.double(), None if b is None else b.double()
         )
         bound = 1e-5 * (x.abs().double() @ weight.abs().double().T + 1.0)  # (m, rows)
         assert got.shape == (m, rows) and got.dtype == torch.float32
-        assert ((got.double() - expected).abs() <= bound).all(), (qtype.name, m)
+        assert ((got.double() - expected).abs() <= bound).all(), (qtype.name, m, path)
 
 
 def test_bad_shapes_are_errors_not_crashes(kernel) -> None:
     data = torch.from_numpy(_stored(8, 64, T.Q4_0))  # (8, 36)
     with pytest.raises(RuntimeError, match="row of 36 bytes"):
-        kernel.quant_linear(torch.randn(2, 96), data, int(T.Q4_0), None, GEMV_MAX_ROWS)
+        kernel.quant_linear(torch.randn(2, 96), data, int(T.Q4_0), None, PATHS["panels"])
     with pytest.raises(RuntimeError, match="unsupported ggml type"):
         kernel.dequantize(data, int(T.Q5_K), 64)
     with pytest.raises(RuntimeError, match="out of range"):

@@ -5,14 +5,15 @@
 // is dequantized to float32 (the values the `gguf` package's dequantize gives) and used at once;
 // all arithmetic is float32. Activations are never quantized.
 //
-//   small M (decode rows): each thread takes a range of output rows. Up to kRows rows of x,
-//     the block-32 formats are decoded in registers and multiplied in at once; otherwise each
-//     panel of 4 weight rows is dequantized into an L1-resident buffer and dotted with every
-//     row of x in register blocks. The weight bytes are read once per step.
-//     Blocks of 256 rows of x pass over the panels one after another, so x stays in L2.
-//   large M (prefill chunks, above gemv_max_rows): a tile of output rows is dequantized into a
-//     float32 buffer that fits in L2 (1 MB) and handed to torch's GEMM (MKL / oneDNN), which
-//     reuses it across all M rows. kernels/quant.py sets the threshold per build.
+//   up to kRows rows of x (batch-1 decode): each thread takes a range of output rows; the
+//     block-32 formats are decoded in registers and multiplied in at once, so the weight bytes
+//     stream from memory once per step.
+//   more rows, up to gemv_max_rows (kernels/quant.py sets it per build), and the formats with
+//     no fused decoder: each panel of 4 weight rows is dequantized into an L1-resident buffer
+//     and dotted with the rows of x in register blocks. Blocks of 256 rows of x pass over the
+//     panels one after another, so x stays in L2 (the weights are dequantized once per block).
+//   above gemv_max_rows: a tile of output rows is dequantized into a float32 buffer that fits
+//     in L2 (1 MB) and handed to torch's GEMM (MKL / oneDNN), which reuses it across all rows.
 //
 // The instruction set comes from the build flags (kvserve/kernels/quant.py builds AVX-512,
 // AVX2 and portable variants): the block decoders are in quant_blocks.h, the FMA loops use
@@ -162,7 +163,7 @@ DotBlockFn dot_block_fn(int rows, int cols) {
   }
 }
 
-// out[m, n] = dot(W[n], x[m]) + bias[n] for all m, n: the decode path. Up to kRows rows of x,
+// out[m, n] = dot(W[n], x[m]) + bias[n] for all m, n: the decode and panel paths. Up to kRows rows of x,
 // a format with a fused kernel decodes each block in registers once; otherwise each panel of
 // kPanel weight rows is dequantized once into an L1 buffer and every row of x is dotted with it
 // in register blocks (dot_block).
@@ -229,7 +230,7 @@ void tiled_gemm(const Weight& w, const at::Tensor& x, at::Tensor& out) {
 }  // namespace
 
 // x (M, K) float32 contiguous; w (N, row_bytes) uint8; bias (N,) float32 or None.
-// M <= gemv_max_rows runs the decode path, larger M the tiled GEMM. Returns (M, N) float32.
+// M <= gemv_max_rows runs the decode or panel path, larger M the tiled GEMM. Returns (M, N) float32.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type,
                         const c10::optional<at::Tensor>& bias, int64_t gemv_max_rows) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),

@@ -163,10 +163,10 @@ DotBlockFn dot_block_fn(int rows, int cols) {
   }
 }
 
-// out[m, n] = dot(W[n], x[m]) + bias[n] for all m, n: the decode and panel paths. Up to kRows rows of x,
-// a format with a fused kernel decodes each block in registers once; otherwise each panel of
-// kPanel weight rows is dequantized once into an L1 buffer and every row of x is dotted with it
-// in register blocks (dot_block).
+// out[m, n] = dot(W[n], x[m]) + bias[n] for all m, n: the decode and panel paths. Up to kRows
+// rows of x, a format with a fused kernel decodes each block in registers once; otherwise each
+// panel of kPanel weight rows is dequantized once into an L1 buffer (per 256-row block of x)
+// and every row of x is dotted with it in register blocks (dot_block).
 void gemv(const Weight& w, int64_t type, const float* x, int64_t m, const float* bias,
           float* out) {
   const FusedFn fused = m >= 1 && m <= kRows ? fused_fn(type, int(m)) : nullptr;
@@ -230,7 +230,8 @@ void tiled_gemm(const Weight& w, const at::Tensor& x, at::Tensor& out) {
 }  // namespace
 
 // x (M, K) float32 contiguous; w (N, row_bytes) uint8; bias (N,) float32 or None.
-// M <= gemv_max_rows runs the decode or panel path, larger M the tiled GEMM. Returns (M, N) float32.
+// M <= gemv_max_rows runs the decode or panel path, larger M the tiled GEMM.
+// Returns (M, N) float32.
 at::Tensor quant_linear(const at::Tensor& x, const at::Tensor& w, int64_t type,
                         const c10::optional<at::Tensor>& bias, int64_t gemv_max_rows) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),

@@ -25,10 +25,13 @@ run: setup
 demo: setup
 	$(VENV)/bin/kvserve generate --chat --max-tokens 160 --prompt "$(PROMPT)"
 
+# `kvserve kernels` builds the C++ kernels first (once per machine), outside any test's timeout.
 test: setup redis-server
+	$(VENV)/bin/kvserve kernels
 	$(PY) -m pytest -q
 
 test-fast: setup redis-server
+	$(VENV)/bin/kvserve kernels
 	$(PY) -m pytest -q -m "not slow"
 
 # The default text of `kvserve eval ppl` (the King James Bible, public domain): Debian's

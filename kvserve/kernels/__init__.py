@@ -6,10 +6,11 @@ by block, prefetching the next block, and sums the dot products of 16 keys (8 on
 across lanes together. On the AVX-512 test machine it attends a 64-seq float32 decode batch at about
 twice the rate of inductor's fused kernel and 3.5x gather + SDPA (docs/benchmarks.md).
 
-Each cache dtype is its own build (about 25 s, once per machine and dtype), compiled for the
-instruction set torch itself dispatches to (`torch.backends.cpu.get_cpu_capability()`),
-into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions);
-later processes load it in well under a second. Where it cannot be built (no C++ compiler, a
+Each cache dtype is its own build (about 30 s on one core, once per machine and dtype), compiled
+for the instruction set torch itself dispatches to (`torch.backends.cpu.get_cpu_capability()`),
+into kvserve's folder of torch's extension cache (kernels/build.py: `TORCH_EXTENSIONS_DIR`,
+default ~/.cache/torch_extensions; `kvserve kernels` builds them all ahead); later processes
+load it in well under a second. Where it cannot be built (no C++ compiler, a
 CPU that is not x86 with AVX2 or AVX-512), `decode_attention_kernel()` is None and attention
 stays in torch.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from kvserve.kernels.build import load_extension
 from kvserve.kv.quant import LayerKV
 
 logger = logging.getLogger("kvserve")
@@ -60,16 +62,13 @@ def decode_attention_kernel(cache_dtype: torch.dtype = torch.float32) -> Any | N
     if flags is None:
         logger.info("C++ decode attention: no build for CPU capability %s", capability)
         return None
-    from torch.utils.cpp_extension import load
-
     start = time.perf_counter()
     try:
-        module = load(
-            name=f"kvserve_paged_attention_{name}_{capability.lower()}",
-            sources=[str(_SOURCE)],
+        module = load_extension(
+            f"kvserve_paged_attention_{name}_{capability.lower()}",
+            [_SOURCE],
             # OpenMP: torch's parallel_for; the macro picks the stored type
-            extra_cflags=["-O3", "-fopenmp", f"-DKVSERVE_CACHE_{name.upper()}", *flags],
-            extra_ldflags=["-fopenmp"],
+            ["-O3", "-fopenmp", f"-DKVSERVE_CACHE_{name.upper()}", *flags],
         )
     except Exception as error:  # no compiler, no ninja, a failed build: stay in torch
         logger.warning("C++ decode attention unavailable, attention stays in torch: %s", error)

@@ -9,8 +9,8 @@ Formats read as stored, by ggml type id: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K,
     AVX2          avx2        -mavx2 -mfma -mf16c
     anything else portable    none (the compiler's baseline for the machine)
 
-Each build takes about 20 s once per machine (torch's extension cache, `TORCH_EXTENSIONS_DIR`)
-and loads in well under a second afterwards. Where no build is possible (no C++ compiler,
+Each build takes about a minute on 2 cores, once per machine (kernels/build.py, torch's extension
+cache; `kvserve kernels` builds ahead), and loads in well under a second afterwards. Where no build is possible (no C++ compiler,
 a failed build) `quant_kernel()` is None and the loader dequantizes the weights to float32
 instead (kvserve/model/quant_linear.py).
 """
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from kvserve.kernels.build import load_extension
 
 logger = logging.getLogger("kvserve")
 
@@ -65,15 +67,10 @@ def quant_kernel(build: str | None = None) -> Any | None:
     """The built extension (`quant_linear`, `dequantize`, `dequantize_rows`) for `build`
     (default: this CPU's), or None where it cannot be built."""
     build = build or build_for(torch.backends.cpu.get_cpu_capability())
-    from torch.utils.cpp_extension import load
-
     start = time.perf_counter()
     try:
-        module = load(
-            name=f"kvserve_quant_linear_{build}",
-            sources=[str(f) for f in _SOURCES],
-            extra_cflags=["-O3", "-fopenmp", *_BUILD_FLAGS[build]],
-            extra_ldflags=["-fopenmp"],
+        module = load_extension(
+            f"kvserve_quant_linear_{build}", _SOURCES, ["-O3", "-fopenmp", *_BUILD_FLAGS[build]]
         )
     except Exception as error:  # no compiler, no ninja, a failed build: dequantize instead
         logger.warning("C++ quantized linear unavailable, weights dequantized: %s", error)

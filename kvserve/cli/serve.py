@@ -34,10 +34,10 @@ def run(args: argparse.Namespace) -> int:
     from kvserve.server.limits import limits_from_args
 
     limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
-    engine = Engine(EngineConfig.from_cli_args(args))
+    config = EngineConfig.from_cli_args(args)
+    async_engine = AsyncEngine.build(lambda: Engine(config))  # built where it will step
     log_ready("engine")
-    name = args.served_model_name or model_name(engine.model_path)
-    async_engine = AsyncEngine(engine)
+    name = args.served_model_name or model_name(async_engine.engine.model_path)
     serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)
     return 0
 

@@ -9,10 +9,10 @@ Formats read as stored, by ggml type id: F32, F16, BF16, Q4_0, Q4_1, Q8_0, Q4_K,
     AVX2          avx2        -mavx2 -mfma -mf16c
     anything else portable    none (the compiler's baseline for the machine)
 
-Each build takes about a minute on 2 cores, once per machine (kernels/build.py, torch's extension
-cache; `kvserve kernels` builds ahead), and loads in well under a second afterwards. Where no build is possible (no C++ compiler,
-a failed build) `quant_kernel()` is None and the loader dequantizes the weights to float32
-instead (kvserve/model/quant_linear.py).
+Each build takes about a minute on 2 cores, once per machine (kernels/build.py, torch's
+extension cache; `kvserve kernels` builds ahead), and loads in well under a second afterwards.
+Where no build is possible (no C++ compiler, a failed build) `quant_kernel()` is None and the
+loader dequantizes the weights to float32 instead (kvserve/model/quant_linear.py).
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, NamedTuple
 
 from kvserve.engine.engine import Engine
@@ -54,16 +55,51 @@ Delivery = RequestOutput | Exception
 
 
 class AsyncEngine:
-    """Runs `engine.step()` on a background thread; `generate` is an async stream."""
+    """Runs `engine.step()` on a background thread; `generate` is an async stream.
+
+    `AsyncEngine(engine)` steps an engine built elsewhere; `AsyncEngine.build(make_engine)`
+    builds it on the loop's thread, as `kvserve serve` does. That matters for speed: libgomp
+    spins its idle workers between parallel regions only while it manages no more threads than
+    there are CPUs, and each thread that runs torch's parallel ops keeps a team of its own. An
+    engine loaded on the main thread and stepped on another leaves two teams, and the steps
+    ran 20-30% slower (docs/benchmarks.md, "Serving at engine speed").
+    """
 
     def __init__(self, engine: Engine) -> None:
+        self._setup()
         self.engine = engine
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def build(cls, make_engine: Callable[[], Engine]) -> AsyncEngine:
+        """Call `make_engine()` on a new engine thread and step what it returns there; raises
+        what `make_engine` raised."""
+        self = cls.__new__(cls)
+        self._setup()
+        built: queue.Queue[BaseException | None] = queue.Queue(maxsize=1)
+
+        def build_and_run() -> None:
+            try:
+                self.engine = make_engine()
+            except BaseException as error:
+                built.put(error)
+                return
+            built.put(None)
+            self._run()
+
+        self._thread = threading.Thread(target=build_and_run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+        error = built.get()
+        if error is not None:
+            raise error
+        return self
+
+    def _setup(self) -> None:
         self._commands: deque[Command] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
-        self._thread.start()
 
     @property
     def tokenizer(self) -> Any:

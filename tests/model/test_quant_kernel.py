@@ -121,3 +121,16 @@ def test_kv_write_puts_each_tokens_heads_at_its_slot(kernel) -> None:
     assert torch.equal(k_cache, want_k)  # checked before anything is written
     with pytest.raises(RuntimeError, match="heads contiguous"):
         kernel.kv_write_(k_cache, v_cache, k.transpose(1, 2), v, slots)
+
+
+@pytest.mark.parametrize("qtype", FORMATS, ids=lambda t: t.name)
+def test_a_row_gets_the_same_bits_alone_or_with_others(kernel, qtype: T) -> None:
+    """Batch-1 decode (several weight rows per pass) sums each dot product in the order the
+    2-4 row kernels do: a request's tokens do not depend on how many others share its step."""
+    cols = 512 if qtype in (T.Q4_K, T.Q6_K) else 160
+    data = torch.from_numpy(_stored(37, cols, qtype, seed=2))
+    x = torch.randn(4, cols)
+    alone = kernel.quant_linear(x[:1], data, int(qtype), None, 64)  # (1, 37)
+    for m in (2, 3, 4):
+        together = kernel.quant_linear(x[:m], data, int(qtype), None, 64)  # (m, 37)
+        assert torch.equal(alone[0], together[0]), (qtype.name, m)

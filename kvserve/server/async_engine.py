@@ -66,17 +66,22 @@ class AsyncEngine:
     """
 
     def __init__(self, engine: Engine) -> None:
-        self._setup()
-        self.engine = engine
-        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
-        self._thread.start()
+        self._start(lambda: engine)
 
     @classmethod
     def build(cls, make_engine: Callable[[], Engine]) -> AsyncEngine:
         """Call `make_engine()` on a new engine thread and step what it returns there; raises
         what `make_engine` raised."""
         self = cls.__new__(cls)
-        self._setup()
+        self._start(make_engine)
+        return self
+
+    def _start(self, make_engine: Callable[[], Engine]) -> None:
+        """Start the engine thread: it calls `make_engine()`, then runs the loop."""
+        self._commands: deque[Command] = deque()
+        self._wake = threading.Event()
+        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
+        self._stopping = False
         built: queue.Queue[BaseException | None] = queue.Queue(maxsize=1)
 
         def build_and_run() -> None:
@@ -93,13 +98,6 @@ class AsyncEngine:
         error = built.get()
         if error is not None:
             raise error
-        return self
-
-    def _setup(self) -> None:
-        self._commands: deque[Command] = deque()
-        self._wake = threading.Event()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
-        self._stopping = False
 
     @property
     def tokenizer(self) -> Any:

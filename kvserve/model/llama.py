@@ -6,6 +6,8 @@ and gate/up into `gate_up_proj` (the loader stacks the HF tensors, see loader.py
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor, nn
 
@@ -13,6 +15,7 @@ from kvserve.model.attention import AttentionMetadata, AttentionPlan, KVCache, a
 from kvserve.model.config import ModelConfig
 from kvserve.model.fast_ops import rotate_qk, silu_mul
 from kvserve.model.layers import CausalLM, MergedLinear, RMSNorm, RotaryEmbedding, get_activation
+from kvserve.model.lean_decode import LeanDecode
 
 # A layer's RoPE inputs: positions (T,) and the cos/sin table (P, head_dim) they index.
 Rope = tuple[Tensor, Tensor]
@@ -114,6 +117,10 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
+        # All-decode eager steps skip the modules where they can (lean_decode.py: the same
+        # kernels, the same bits); False runs the modules always, to compare.
+        self.use_lean_decode = True
+        self._lean: LeanDecode | None | Literal[False] = False  # False: not built yet
         self.lm_head = (
             None
             if config.tie_word_embeddings
@@ -128,8 +135,13 @@ class LlamaForCausalLM(CausalLM):
         kv_caches: list[KVCache] | None,
     ) -> Tensor:
         plans = self.plan_layers(attn_metadata, kv_caches is not None, input_ids.device)
-        rope = (positions, self.model.rotary_emb.cos_sin)
         x = self.model.embed_tokens(input_ids)  # (num_tokens, hidden)
+        if self.use_lean_decode and LeanDecode.applies(plans, kv_caches, len(input_ids)):
+            lean = self._lean_decode()
+            if lean is not None:
+                assert kv_caches is not None
+                return lean(x, positions, plans, kv_caches)  # type: ignore[arg-type]
+        rope = (positions, self.model.rotary_emb.cos_sin)
         residual = None
         for i, layer in enumerate(self.model.layers):
             kv_cache = None if kv_caches is None else kv_caches[i]
@@ -137,6 +149,13 @@ class LlamaForCausalLM(CausalLM):
         assert residual is not None, "a model has at least one layer"
         hidden, _ = self.model.norm.add_norm(x, residual)  # (num_tokens, hidden)
         return hidden
+
+    def _lean_decode(self) -> LeanDecode | None:
+        """The module-free decode step (lean_decode.py), built at the first decode step: the
+        weights are loaded and placed by then, and stay put."""
+        if self._lean is False:
+            self._lean = LeanDecode.build(self.model)
+        return self._lean
 
     def output_head(self) -> nn.Module:
         return self.model.embed_tokens if self.lm_head is None else self.lm_head

@@ -167,6 +167,38 @@ inline void nibbles(__m128i q, Vec* out) {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// AVX-512: a 4-bit block's 16 possible values fit one register, so the block decodes as a
+// table lookup: the 16 values computed once (one FP operation), then each nibble becomes its
+// value by one permute (vpermps reads only the low 4 bits of each index, so neither half needs
+// masking). Converting and scaling each of the two vectors instead takes four FP operations,
+// and the FP pipes bound the batch-1 loop. Same values: table[i] is computed exactly as
+// the per-value formula computes value i.
+inline void nibble_lookup(const uint8_t* qs, __m512 table, Vec* w) {
+  const __m512i lo = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)));
+  w[0] = _mm512_permutexvar_ps(lo, table);                         // low nibbles: values 0-15
+  w[1] = _mm512_permutexvar_ps(_mm512_srli_epi32(lo, 4), table);  // high: values 16-31
+}
+
+inline __m512 iota16() {
+  return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+
+struct DecodeQ4_0 {
+  static void block(const uint8_t* b, Vec* w) {
+    const __m512 d = _mm512_set1_ps(half_f16c(b));
+    nibble_lookup(b + 2, _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), d), w);
+  }
+};
+
+struct DecodeQ4_1 {
+  static void block(const uint8_t* b, Vec* w) {
+    Vec d, m;
+    two_halves(b, d, m);
+    nibble_lookup(b + 4, _mm512_fmadd_ps(iota16(), d, m), w);
+  }
+};
+#else
 struct DecodeQ4_0 {
   static void block(const uint8_t* b, Vec* w) {
     const Vec d = Vec(half_f16c(b)), eight = Vec(8.0f);
@@ -183,6 +215,7 @@ struct DecodeQ4_1 {
     for (int j = 0; j < kPerBlock; ++j) w[j] = at::vec::fmadd(w[j], d, m);
   }
 };
+#endif
 
 struct DecodeQ8_0 {
   static void block(const uint8_t* b, Vec* w) {

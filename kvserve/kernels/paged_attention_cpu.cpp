@@ -8,7 +8,8 @@
 // scale per (token, KV head) in k_scale / v_scale (kvserve/kv/quant.py). Values are widened
 // to float32 as they are loaded; all arithmetic is float32.
 //
-// A work item is one seq, all its heads. Two passes over its blocks:
+// A work item is one key range (chunk) of one seq, all its heads or one KV head. Two passes
+// over its blocks:
 //   1. scores: each KV head's query heads (the GQA group) dot every key row of the head;
 //      the dots of kLanes keys (16 on AVX-512, 8 on AVX2) are summed across lanes together
 //      (`lane_sums`), a third of the shuffles of summing each on its own;
@@ -16,9 +17,8 @@
 //      registers per KV head and block.
 // K and V are each read once; an item's scores fit in L1/L2. While a block is computed, the
 // next one's rows are prefetched: blocks lie anywhere in the pool, so the hardware
-// prefetchers cannot guess where the next one starts. Items are handed out from an atomic
-// counter to torch's intra-op threads: seqs differ in length, and a static split would
-// leave one thread idle.
+// prefetchers cannot guess where the next one starts. The chunks of a long seq are merged
+// at the end (attend_all).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -44,29 +44,103 @@ struct Batch {
   float* out;
 };
 
-// A work item is a whole seq, or with fewer seqs than twice the threads one KV head of one
-// (each thread then reads a third of every row of a 3-KV-head model, but no thread idles).
+// A seq's keys are attended in chunks of kChunk positions (aligned to multiples of kChunk),
+// each chunk its own work item, and the chunks' outputs merged by their softmax statistics:
+// one long seq then spreads over every thread (batch-1 decode of a 3-KV-head model on 2
+// threads otherwise leaves one thread idle a third of the time). The chunks depend on the seq
+// alone, so its output is the same in any batch and at any thread count.
+constexpr int64_t kChunk = 128;
+
+// Where each seq's work lies: keys [start, seq_len) in chunks [first_chunk, + num_chunks),
+// work items [item_begin, item_begin + parts * num_chunks), and, with more than one chunk,
+// per-chunk outputs and statistics from index partial_begin.
+struct SeqWork {
+  int64_t start, seq_len, first_chunk, num_chunks, item_begin, partial_begin;
+};
+
+// out[seq] = the chunks' outputs weighted by each one's share of the softmax denominator:
+// chunk c with largest score m_c and sum s_c (of exp(score - m_c)) weighs s_c exp(m_c - m).
+void merge_chunks(const std::vector<SeqWork>& work, const float* partial, const float* stats,
+                  int64_t num_heads, int64_t head_dim, float* out) {
+  const int64_t seq_stride = num_heads * head_dim;
+  at::parallel_for(0, static_cast<int64_t>(work.size()), 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> weight;
+    for (int64_t seq = begin; seq < end; ++seq) {
+      const SeqWork& w = work[seq];
+      if (w.num_chunks == 1) continue;  // written in place
+      weight.resize(w.num_chunks);
+      for (int64_t head = 0; head < num_heads; ++head) {
+        const float* st = stats + (w.partial_begin * num_heads + head) * 2;  // chunk c: +c*2H
+        float largest = -INFINITY, total = 0.0f;
+        for (int64_t c = 0; c < w.num_chunks; ++c) largest = std::max(largest, st[c * 2 * num_heads]);
+        for (int64_t c = 0; c < w.num_chunks; ++c) {
+          const float* chunk = st + c * 2 * num_heads;
+          weight[c] = chunk[1] * std::exp(chunk[0] - largest);
+          total += weight[c];
+        }
+        float* o = out + seq * seq_stride + head * head_dim;
+        for (int64_t j = 0; j < head_dim; j += kLanes) {
+          Vec acc(0.0f);
+          for (int64_t c = 0; c < w.num_chunks; ++c) {
+            const float* p = partial + (w.partial_begin + c) * seq_stride + head * head_dim;
+            acc = at::vec::fmadd(Vec(weight[c] / total), Vec::loadu(p + j), acc);
+          }
+          acc.store(o + j);
+        }
+      }
+    }
+  });
+}
+
+// Work items are (seq, part, chunk): a part is the whole seq's heads, or with fewer seqs than
+// twice the threads one KV head (each thread then reads a third of every row of a 3-KV-head
+// model, but no thread idles). Items are handed out from an atomic counter: seqs differ in
+// length, and a static split would leave threads idle.
 template <int kVecs, int kGroup>
 void attend_all(const Cache& cache, const Batch& batch) {
   const int64_t num_seqs = static_cast<int64_t>(batch.seq_lens->size());
-  const int64_t seq_stride = cache.kv_heads * kGroup * kVecs * kLanes;
+  const int64_t num_heads = cache.kv_heads * kGroup, head_dim = kVecs * kLanes;
+  const int64_t seq_stride = num_heads * head_dim;
   const int64_t threads = at::get_num_threads();
-  const int64_t parts = num_seqs >= 2 * threads ? 1 : cache.kv_heads;  // items per seq
+  const int64_t parts = num_seqs >= 2 * threads ? 1 : cache.kv_heads;  // per seq and chunk
   const int64_t heads_per_part = cache.kv_heads / parts;
-  const int64_t num_items = num_seqs * parts;
+  std::vector<SeqWork> work(num_seqs);
+  std::vector<int64_t> item_begin(num_seqs + 1, 0);  // for the item -> seq search
+  int64_t num_partials = 0;
+  for (int64_t seq = 0; seq < num_seqs; ++seq) {
+    const int64_t seq_len = (*batch.seq_lens)[seq];
+    const int64_t start = batch.window > 0 ? std::max<int64_t>(seq_len - batch.window, 0) : 0;
+    const int64_t first = start / kChunk, count = (seq_len - 1) / kChunk - first + 1;
+    work[seq] = {start, seq_len, first, count, item_begin[seq], num_partials};
+    item_begin[seq + 1] = item_begin[seq] + parts * count;
+    if (count > 1) num_partials += count;
+  }
+  std::vector<float> partial(num_partials * seq_stride);  // (partials, num_heads, head_dim)
+  std::vector<float> stats(num_partials * num_heads * 2);  // (partials, num_heads, 2)
+  const int64_t num_items = item_begin[num_seqs];
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(threads, num_items), 1, [&](int64_t, int64_t) {
     Scratch scratch;
     for (int64_t item = next++; item < num_items; item = next++) {
-      const int64_t seq = item / parts, h0 = (item % parts) * heads_per_part;
-      const int64_t seq_len = (*batch.seq_lens)[seq];
-      const int64_t start = batch.window > 0 ? std::max<int64_t>(seq_len - batch.window, 0) : 0;
+      const int64_t seq =
+          std::upper_bound(item_begin.begin(), item_begin.end(), item) - item_begin.begin() - 1;
+      const SeqWork& w = work[seq];
+      const int64_t part = (item - w.item_begin) / w.num_chunks;
+      const int64_t chunk = (item - w.item_begin) % w.num_chunks;
+      const int64_t h0 = part * heads_per_part, c = w.first_chunk + chunk;
+      const int64_t lo = std::max(w.start, c * kChunk), hi = std::min(w.seq_len, (c + 1) * kChunk);
+      const bool alone = w.num_chunks == 1;
+      float* out = alone ? batch.out + seq * seq_stride
+                         : partial.data() + (w.partial_begin + chunk) * seq_stride;
+      float* st = alone ? nullptr : stats.data() + (w.partial_begin + chunk) * num_heads * 2;
       attend_seq<kVecs, kGroup>(batch.q + seq * seq_stride, cache,
-                                batch.table + seq * batch.table_width, seq_len, start, h0,
-                                h0 + heads_per_part, batch.scale, batch.out + seq * seq_stride,
-                                scratch);
+                                batch.table + seq * batch.table_width, hi, lo, h0,
+                                h0 + heads_per_part, batch.scale, out, st, scratch);
     }
   });
+  if (num_partials > 0) {
+    merge_chunks(work, partial.data(), stats.data(), num_heads, head_dim, batch.out);
+  }
 }
 
 template <int kVecs>

@@ -27,13 +27,16 @@ struct Scratch {
 
 // One seq's KV heads [h0, h1): out (heads of those, head_dim) = softmax(q K^T * scale) V over
 // the keys [start, seq_len). kVecs = head_dim / kLanes and kGroup (query heads per KV head)
-// are constants, so the per-head loops unroll into registers.
+// are constants, so the per-head loops unroll into registers. With `stats`, each head's
+// largest score and its sum of exp(score - largest) go to stats[2 * head], stats[2 * head + 1]:
+// what merging this key range's output with other ranges' needs.
 template <int kVecs, int kGroup>
 void attend_seq(const float* q, const Cache& c, const int64_t* blocks, int64_t seq_len,
-                int64_t start, int64_t h0, int64_t h1, float scale, float* out,
+                int64_t start, int64_t h0, int64_t h1, float scale, float* out, float* stats,
                 Scratch& scratch) {
   constexpr int64_t kDim = kVecs * kLanes;
   const int64_t row_stride = c.kv_heads * kDim;  // values between consecutive tokens
+  const int64_t span = (h1 - h0) * kDim;  // values of a token this call reads (prefetched)
   const int64_t num_keys = seq_len - start;
   const int64_t num_heads = c.kv_heads * kGroup;
   // Rows padded to whole vectors: lane_sums stores kLanes scores at a time.
@@ -68,7 +71,7 @@ void attend_seq(const float* q, const Cache& c, const int64_t* blocks, int64_t s
       int i = filled;
       int64_t index = key_index;
       for (int64_t t = lo; t < hi; ++t) {
-        if (kv_head == h0) prefetch_row(c.k + (next + t) * row_stride, row_stride);
+        if (kv_head == h0) prefetch_row(c.k + (next + t) * row_stride + h0 * kDim, span);
         const CacheT* key = c.k + (slot + t) * row_stride + kv_head * kDim;
         Vec k[kVecs];
         for (int j = 0; j < kVecs; ++j) k[j] = load(key + j * kLanes);
@@ -118,6 +121,10 @@ void attend_seq(const float* q, const Cache& c, const int64_t* blocks, int64_t s
       sum += row[t];
     }
     scratch.inv_sum[head] = 1.0f / sum;
+    if (stats) {
+      stats[2 * head] = max_score;
+      stats[2 * head + 1] = sum;
+    }
   }
 
   // Pass 2: out[head] = sum over keys of p[head][key] * V[key], V read block by block.
@@ -135,7 +142,7 @@ void attend_seq(const float* q, const Cache& c, const int64_t* blocks, int64_t s
       }
       const float* probs = scores + kv_head * kGroup * row_len + key_index;  // key lo
       for (int64_t t = lo; t < hi; ++t) {
-        if (kv_head == h0) prefetch_row(c.v + (next + t) * row_stride, row_stride);
+        if (kv_head == h0) prefetch_row(c.v + (next + t) * row_stride + h0 * kDim, span);
         const CacheT* value = c.v + (slot + t) * row_stride + kv_head * kDim;
         Vec v[kVecs];
         for (int j = 0; j < kVecs; ++j) v[j] = load(value + j * kLanes);

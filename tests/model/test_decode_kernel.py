@@ -93,13 +93,31 @@ def test_kernel_matches_reference(
         assert torch.equal(again, out)
 
 
+@pytest.mark.parametrize("block_size", [16, 48])
+@pytest.mark.parametrize("window", [None, 20, 300])
+def test_long_seqs_in_key_chunks_match_reference(block_size: int, window: int | None) -> None:
+    """Seqs past 256 keys are attended in chunks of 256 positions merged at the end: chunk
+    edges on and off block edges (block 48), windows inside one chunk and across several."""
+    _built()
+    generator = torch.Generator().manual_seed(block_size)
+    seq_lens = [255, 256, 257, 300, 513, 1000]
+    layer, tables, table = _pool(seq_lens, block_size, 3, 64, generator)
+    q = torch.randn(len(seq_lens), 9, 64, generator=generator)
+    out = kernels.paged_decode_attention(q, layer, table, seq_lens, window, 0.125)
+    for row, (length, blocks) in enumerate(zip(seq_lens, tables, strict=True)):
+        keys = _context(layer.k, None, blocks, length)
+        values = _context(layer.v, None, blocks, length)
+        expected = _reference(q[row], keys, values, window, 0.125)
+        torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("num_threads", [1, 3])
 def test_kernel_work_split_does_not_change_results(num_threads: int) -> None:
-    """One item per seq (at least twice as many seqs as threads) or one per KV head (fewer):
-    the same numbers, bit for bit, at any thread count."""
+    """One item per seq and chunk (at least twice as many seqs as threads) or one per KV head
+    and chunk (fewer): the same numbers, bit for bit, at any thread count."""
     _built()
     generator = torch.Generator().manual_seed(8)
-    seq_lens = [5, 40, 17, 64, 33, 1, 29, 50]
+    seq_lens = [5, 40, 17, 640, 33, 1, 290, 50]
     layer, _, table = _pool(seq_lens, 16, 3, 64, generator)
     q = torch.randn(len(seq_lens), 9, 64, generator=generator)
     before = torch.get_num_threads()

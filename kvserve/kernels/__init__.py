@@ -51,13 +51,16 @@ CACHE_DTYPES = {
 
 
 @functools.cache
-def decode_attention_kernel(cache_dtype: torch.dtype = torch.float32) -> Any | None:
+def decode_attention_kernel(
+    cache_dtype: torch.dtype = torch.float32, capability: str | None = None
+) -> Any | None:
     """The built extension module for caches of `cache_dtype` (`paged_decode_attention`,
-    `supports`), or None where it cannot be built."""
+    `supports`), or None where it cannot be built. `capability` (default: the one torch
+    dispatches to) picks the instruction set: "AVX2" on an AVX-512 CPU tests that build."""
     name = CACHE_DTYPES.get(cache_dtype)
     if name is None:
         return None
-    capability = torch.backends.cpu.get_cpu_capability()
+    capability = capability or torch.backends.cpu.get_cpu_capability()
     flags = _ISA_FLAGS.get(capability)
     if flags is None:
         logger.info("C++ decode attention: no build for CPU capability %s", capability)

@@ -111,6 +111,29 @@ def test_long_seqs_in_key_chunks_match_reference(block_size: int, window: int | 
         torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
 
 
+@pytest.mark.skipif(
+    torch.backends.cpu.get_cpu_capability() != "AVX512", reason="AVX2 code runs on AVX-512 only"
+)
+def test_avx2_build_on_an_avx512_cpu_matches_reference() -> None:
+    """The AVX2 build (8 lanes: other lane sums, other chunk merges) is what AVX2 machines
+    run; on an AVX-512 machine it is built and checked here too."""
+    module = kernels.decode_attention_kernel(torch.float32, "AVX2")
+    assert module is not None and module is not _built()
+    generator = torch.Generator().manual_seed(2)
+    seq_lens = [1, 17, 130, 257, 700]
+    layer, tables, table = _pool(seq_lens, 16, 2, 32, generator)
+    q = torch.randn(len(seq_lens), 8, 32, generator=generator)
+    for window in (None, 150):
+        out = module.paged_decode_attention(
+            q, layer.k, layer.v, None, None, table, seq_lens, window or 0, 0.2
+        )  # fmt: skip
+        for row, (length, blocks) in enumerate(zip(seq_lens, tables, strict=True)):
+            keys = _context(layer.k, None, blocks, length)
+            values = _context(layer.v, None, blocks, length)
+            expected = _reference(q[row], keys, values, window, 0.2)
+            torch.testing.assert_close(out[row], expected, rtol=0, atol=2e-5)
+
+
 @pytest.mark.parametrize("num_threads", [1, 3])
 def test_kernel_work_split_does_not_change_results(num_threads: int) -> None:
     """One item per seq and chunk (at least twice as many seqs as threads) or one per KV head

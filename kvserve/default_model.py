@@ -102,6 +102,19 @@ def resolve_default_model() -> str:
     return target
 
 
+def transformers_source(model_path: str) -> tuple[str, str | None]:
+    """(folder, gguf_file) from which transformers loads the weights at `model_path` as float:
+    `AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)`. A .gguf file is read
+    through transformers' GGUF support, and so is the default model's converted folder, whose
+    weights as stored transformers cannot read; any other folder loads as it is."""
+    if model_path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(model_path)), os.path.basename(model_path)
+    if os.path.abspath(model_path) == os.path.abspath(default_model_dir()):
+        gguf_path = default_gguf_path()
+        return os.path.dirname(gguf_path), os.path.basename(gguf_path)
+    return model_path, None
+
+
 def convert_gguf_to_hf(gguf_path: str, out_dir: str) -> None:
     """Write config.json, model.safetensors (the tensors as stored) and the tokenizer files of
     a GGUF."""

@@ -15,11 +15,16 @@ from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
 from kvserve.bench.workloads import DecodeTiming, decode_timing, left_pad
+from kvserve.default_model import transformers_source
 
 
 def load_hf_model(model_path: str) -> Any:
-    """transformers' own model class on the engine's resolved HF folder, fp32, eval mode."""
-    model: Any = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    """transformers' own model class on the engine's resolved model (an HF folder, a .gguf
+    file, the default model's folder of weights as stored), fp32, eval mode."""
+    folder, gguf_file = transformers_source(model_path)
+    model: Any = AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf_file, dtype=torch.float32
+    )
     model.eval()
     return model
 

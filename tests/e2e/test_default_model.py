@@ -162,3 +162,18 @@ def test_prompt_logprobs_match_transformers_on_the_same_gguf(llm: LLM) -> None:
         for rank, (top_id, value) in enumerate(best, start=1):
             assert entry[top_id].rank == rank
             assert entry[top_id].logprob == pytest.approx(value, abs=1e-4)
+
+
+def test_transformers_baseline_reads_the_default_model(llm: LLM) -> None:
+    """`bench --compare-transformers` loads transformers on the engine's model path: for the
+    default model a folder of weights as stored, which transformers reads through the GGUF."""
+    from kvserve.bench.hf_baseline import load_hf_model
+
+    hf = load_hf_model(llm.engine.model_path)
+    model = llm.engine.model_runner.model
+    ours = model.model.layers[3].mlp.down_proj.piece0  # Q4_1 blocks
+    stored = model.model.layers[3].mlp.down_proj
+    from kvserve.model.quant_linear import QuantTensor
+
+    dequantized = QuantTensor(ours, stored.qtypes[0], stored.in_features).dequantize()
+    assert torch.equal(hf.model.layers[3].mlp.down_proj.weight, dequantized)

@@ -135,6 +135,19 @@ def test_default_model_cache_is_atomic_and_reused(tmp_path, monkeypatch) -> None
     assert len(calls) == 2 and os.listdir(target.parent) == [target.name]
 
 
+def test_transformers_source(tmp_path, monkeypatch) -> None:
+    """Where transformers reads a model's weights as float: a .gguf through `gguf_file`, the
+    default model's folder (weights as stored) through its GGUF, other folders as they are."""
+    from kvserve import default_model as default
+
+    monkeypatch.setenv("KVSERVE_CACHE_DIR", str(tmp_path))
+    gguf_path = default.default_gguf_path()
+    expected = (os.path.dirname(gguf_path), os.path.basename(gguf_path))
+    assert default.transformers_source(default.default_model_dir()) == expected
+    assert default.transformers_source(str(tmp_path / "m.gguf")) == (str(tmp_path), "m.gguf")
+    assert default.transformers_source(str(tmp_path / "hf")) == (str(tmp_path / "hf"), None)
+
+
 def test_missing_wheel_says_how_to_install(monkeypatch) -> None:
     from kvserve import default_model as default
 

@@ -10,6 +10,7 @@ Engine.step():  scheduler.schedule()          -> SchedulerOutput
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from kvserve.engine.prompts import TokenizedPrompt, tokenize_prompt
 from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-exported
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
+from kvserve.engine.slo import StepRates
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -99,6 +101,7 @@ class Engine:
             self.structured_output,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.step_rates = StepRates()  # prefill rate, decode step time (engine/slo.py)
 
     @property
     def max_model_len(self) -> int:
@@ -119,7 +122,13 @@ class Engine:
         Returns what was scheduled, the model output and the requests that got a token.
         """
         scheduler_output = self.scheduler.schedule()
+        start = time.perf_counter()
         model_output = self.model_runner.execute(scheduler_output)
+        self.step_rates.observe(  # the measured rates SLO admission predicts with
+            scheduler_output.num_scheduled_tokens,
+            sum(1 for r in scheduler_output.scheduled if r.num_new_tokens == 1),
+            time.perf_counter() - start,
+        )
         updated = self.scheduler.update_from_output(scheduler_output, model_output)
         return scheduler_output, model_output, updated
 

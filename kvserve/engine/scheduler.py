@@ -21,6 +21,7 @@ from kvserve.engine.request_queues import RequestQueues
 from kvserve.engine.scheduler_config import SchedulerConfig as SchedulerConfig  # re-exported
 from kvserve.engine.scheduler_config import SchedulerStats
 from kvserve.engine.scheduler_output import ModelRunnerOutput, ScheduledRequest, SchedulerOutput
+from kvserve.engine.slo import EngineLoad
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.request import Request, RequestStatus
@@ -77,6 +78,21 @@ class Scheduler(RequestQueues):
             num_swapped_in_blocks=preemption.num_swapped_in_blocks,
             num_preempted_recomputed_tokens=preemption.num_recomputed_tokens,
         )
+
+    def get_load(self) -> EngineLoad:
+        """What a request arriving now would queue behind (engine/slo.py): the tokens to
+        compute before waiting requests and running ones still prefilling (a prompt, or a
+        recompute after preemption) sample again, and the running decodes. Prefix hits of
+        waiting requests are not looked up: the count is an upper bound."""
+        queued = sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+        decoding = 0
+        for request in self.running:
+            remaining = request.num_tokens - request.num_computed_tokens
+            if request.output_token_ids and remaining <= 1:  # only its last sampled token
+                decoding += 1
+            else:
+                queued += remaining
+        return EngineLoad(queued, decoding)
 
     # ---- one step ----------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
 
     limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
     config = EngineConfig.from_cli_args(args)
-    async_engine = AsyncEngine.build(lambda: Engine(config))  # built where it will step
+    async_engine = AsyncEngine.build(lambda: Engine(config), limits.slo())  # built where it steps
     log_ready("engine")
     name = args.served_model_name or model_name(async_engine.engine.model_path)
     serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)

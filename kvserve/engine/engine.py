@@ -24,7 +24,7 @@ from kvserve.engine.prompts import TokenizedPrompt, tokenize_prompt
 from kvserve.engine.prompts import check_cache_salt as check_cache_salt  # re-exported
 from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
-from kvserve.engine.slo import StepRates
+from kvserve.engine.slo import EngineLoad, StepRates
 from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
@@ -187,6 +187,10 @@ class Engine:
         files, connections); the engine is not stepped afterwards."""
         if self.kv_connector is not None:
             self.kv_connector.close()
+
+    def get_load(self) -> EngineLoad:
+        """Tokens queued for prefill and running decodes, for SLO admission (engine/slo.py)."""
+        return self.scheduler.get_load()
 
     def get_metrics(self) -> EngineMetrics:
         """Gauges and cumulative counters of the scheduler, the KV cache and its tiers."""

@@ -91,25 +91,35 @@ class StepRates:
         return mean_y * max(1.0, num_rows / mean_x)
 
 
-def predict(load: EngineLoad, rates: StepRates, num_uncached_tokens: int) -> Prediction:
-    """The TTFT and TPOT a request with `num_uncached_tokens` prompt tokens to compute would see
-    if admitted now."""
+def predict(
+    load: EngineLoad, rates: StepRates, num_uncached_tokens: int, num_seqs: int = 1
+) -> Prediction:
+    """The TTFT and TPOT a request with `num_uncached_tokens` prompt tokens to compute and
+    `num_seqs` sequences to decode would see if admitted now."""
     rate = rates.prefill_tokens_per_s
     ttft = None if rate is None else (load.num_queued_prefill_tokens + num_uncached_tokens) / rate
-    return Prediction(ttft, rates.decode_step_s(load.num_decoding + 1))
+    return Prediction(ttft, rates.decode_step_s(load.num_decoding + num_seqs))
 
 
-def rejection(prediction: Prediction, slo: SLO) -> str | None:
-    """Why a request with this prediction would miss `slo` (a sentence for its 429), or None
-    to admit it."""
+class Miss(NamedTuple):
+    """An objective a request is predicted to miss: "ttft" or "tpot", and why (for its 429)."""
+
+    objective: str
+    message: str
+
+
+def rejection(prediction: Prediction, slo: SLO) -> Miss | None:
+    """The first objective of `slo` a request with this prediction would miss, or None to
+    admit it."""
     checks = (
-        ("time to first token", prediction.ttft_s, slo.ttft_s),
-        ("time per output token", prediction.tpot_s, slo.tpot_s),
+        ("ttft", "time to first token", prediction.ttft_s, slo.ttft_s),
+        ("tpot", "time per output token", prediction.tpot_s, slo.tpot_s),
     )
-    for name, predicted, objective in checks:
-        if predicted is not None and objective is not None and predicted > objective:
-            return (
+    for objective, name, predicted, limit in checks:
+        if predicted is not None and limit is not None and predicted > limit:
+            message = (
                 f"predicted {name} {predicted * 1000:.0f} ms exceeds the server's objective of "
-                f"{objective * 1000:.0f} ms; retry later"
+                f"{limit * 1000:.0f} ms; retry later"
             )
+            return Miss(objective, message)
     return None

@@ -25,8 +25,10 @@ from typing import Any, NamedTuple
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import PromptInput, TokenizedPrompt
+from kvserve.engine.slo import SLO
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.slo_gate import SLOGate
 
 logger = logging.getLogger("kvserve")
 
@@ -36,11 +38,12 @@ class EngineDeadError(RuntimeError):
 
 
 class AddRequest(NamedTuple):
-    """Queue a tokenized, validated prompt under `request_id`."""
+    """Queue a tokenized, validated prompt under `request_id` (`seq`: its SLO gate number)."""
 
     request_id: str
     prompt: TokenizedPrompt
     params: SamplingParams
+    seq: int = 0
 
 
 class AbortRequest(NamedTuple):
@@ -65,19 +68,24 @@ class AsyncEngine:
     ran 20-30% slower (docs/benchmarks.md, "Serving at engine speed").
     """
 
-    def __init__(self, engine: Engine) -> None:
-        self._start(lambda: engine)
+    def __init__(self, engine: Engine, slo: SLO | None = None) -> None:
+        self._start(lambda: engine, slo)
 
     @classmethod
-    def build(cls, make_engine: Callable[[], Engine]) -> AsyncEngine:
+    def build(cls, make_engine: Callable[[], Engine], slo: SLO | None = None) -> AsyncEngine:
         """Call `make_engine()` on a new engine thread and step what it returns there; raises
-        what `make_engine` raised."""
+        what `make_engine` raised. With `slo`, requests predicted to miss it are refused
+        (`generate` raises SLOMiss; server/slo_gate.py)."""
         self = cls.__new__(cls)
-        self._start(make_engine)
+        self._start(make_engine, slo)
         return self
 
-    def _start(self, make_engine: Callable[[], Engine]) -> None:
+    def _start(self, make_engine: Callable[[], Engine], slo: SLO | None) -> None:
         """Start the engine thread: it calls `make_engine()`, then runs the loop."""
+        self.slo_gate = (
+            SLOGate(slo) if slo is not None and any(v is not None for v in slo) else None
+        )
+        self._applied_seq = 0  # the last SLO-gated request queued in the engine
         self._commands: deque[Command] = deque()
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
@@ -132,12 +140,16 @@ class AsyncEngine:
 
         Raises:
             ValueError: the prompt or parameters are invalid (nothing was queued).
+            SLOMiss: predicted to miss the server's latency objective (nothing was queued).
             EngineDeadError: a model step failed.
         """
         tokenized = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
+        seq = 0
+        if self.slo_gate is not None:  # raises SLOMiss before anything is queued
+            seq = self.slo_gate.admit(len(tokenized.prompt_token_ids), params.n)
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(AddRequest(request_id, tokenized, params))
+        self._submit(AddRequest(request_id, tokenized, params, seq))
         finished = False
         try:
             while not finished:
@@ -175,6 +187,7 @@ class AsyncEngine:
         self._wake.set()
 
     def _run(self) -> None:
+        self._publish_load()  # the rates the engine has (none, or a test's) before any step
         while not self._stopping:
             self._apply_commands()
             if not self.engine.has_unfinished_requests():
@@ -184,15 +197,24 @@ class AsyncEngine:
             self._step()
 
     def _apply_commands(self) -> None:
+        if not self._commands:
+            return
         while self._commands:
             match self._commands.popleft():
-                case AddRequest(request_id, prompt, params):
+                case AddRequest(request_id, prompt, params, seq):
+                    self._applied_seq = max(self._applied_seq, seq)
                     try:
                         self.engine.add_request(request_id, prompt, params)
                     except ValueError as error:  # e.g. a request id already in use
                         self._deliver(request_id, error)
                 case AbortRequest(request_id):
                     self.engine.abort_request(request_id)
+        self._publish_load()
+
+    def _publish_load(self) -> None:
+        """Give the SLO gate the engine's load and rates as they stand now."""
+        if self.slo_gate is not None:
+            self.slo_gate.publish(self._applied_seq, self.engine.get_load(), self.engine.step_rates)
 
     def _step(self) -> None:
         try:
@@ -205,6 +227,7 @@ class AsyncEngine:
             return
         for output in outputs:
             self._deliver(output.request_id, output)
+        self._publish_load()
 
     def _deliver(self, request_id: str, item: Delivery) -> None:
         target = self._queues.get(request_id)

@@ -29,6 +29,7 @@ from starlette.types import Send
 
 from kvserve.server.async_engine import EngineDeadError
 from kvserve.server.protocol import describe_validation_error
+from kvserve.server.slo_gate import SLOMiss
 
 
 class Rejected(Exception):
@@ -101,6 +102,12 @@ def add_error_handlers(app: FastAPI) -> None:
     async def rejected(_: Request, error: Rejected) -> JSONResponse:
         reply = error_response(error.status, str(error), error.kind)
         reply.headers.update(error.headers)
+        return reply
+
+    @app.exception_handler(SLOMiss)
+    async def slo_miss(_: Request, error: SLOMiss) -> JSONResponse:
+        reply = error_response(429, str(error), "overloaded")
+        reply.headers["Retry-After"] = "1"
         return reply
 
     @app.exception_handler(ModelNotFound)

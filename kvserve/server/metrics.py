@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -166,6 +166,17 @@ class ServerMetrics:
             PREFIX + "e2e_request_latency_seconds", "End-to-end request latency.", labels,
             registry=self.registry, buckets=_E2E_BUCKETS,
         ).labels(model_name)  # fmt: skip
+
+        self._slo_rejections = Counter(
+            PREFIX + "slo_rejections", "Requests answered 429 before prefill: predicted to "
+            "miss --slo-ttft-ms or --slo-tpot-ms.", ["model_name", "objective"],
+            registry=self.registry,
+        )  # fmt: skip
+        self._model_name = model_name
+
+    def count_slo_rejection(self, objective: str) -> None:
+        """One request turned away for `objective` ("ttft" or "tpot")."""
+        self._slo_rejections.labels(self._model_name, objective).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -30,6 +30,7 @@ from kvserve.server.errors import ModelNotFound
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.protocol import ChatCompletionRequest, CompletionRequest
+from kvserve.server.slo_gate import SLOMiss
 from kvserve.tokenizer import apply_chat_template
 
 
@@ -142,6 +143,8 @@ class Serving:
         if errors:
             for stream in streams:
                 await stream.aclose()
+            if isinstance(errors[0], SLOMiss):
+                self.metrics.count_slo_rejection(errors[0].objective)
             raise errors[0]
         return [
             streaming.Run(first, stream)  # type: ignore[arg-type]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvserve.engine.slo import SLO, EngineLoad, Prediction, StepRates, predict, rejection
+from kvserve.engine.slo import SLO, EngineLoad, Miss, Prediction, StepRates, predict, rejection
 
 
 def test_nothing_measured_predicts_nothing_and_admits() -> None:
@@ -21,10 +21,11 @@ def test_ttft_is_the_queued_and_own_tokens_over_the_prefill_rate() -> None:
     prediction = predict(EngineLoad(3072, 0), rates, 512)
     assert prediction.ttft_s == pytest.approx(3.5)
     assert rejection(prediction, SLO(ttft_s=4.0)) is None
-    reason = rejection(prediction, SLO(ttft_s=3.0))
-    assert reason == (
+    miss = rejection(prediction, SLO(ttft_s=3.0))
+    assert miss == Miss(
+        "ttft",
         "predicted time to first token 3500 ms exceeds the server's objective of 3000 ms; "
-        "retry later"
+        "retry later",
     )
 
 
@@ -45,7 +46,10 @@ def test_decode_step_time_is_a_line_over_rows() -> None:
     prediction = predict(EngineLoad(0, 7), rates, 10)  # 7 running + this one
     assert prediction.tpot_s == pytest.approx(0.024)
     assert rejection(prediction, SLO(tpot_s=0.030)) is None
-    assert "time per output token 24 ms" in str(rejection(prediction, SLO(tpot_s=0.020)))
+    miss = rejection(prediction, SLO(tpot_s=0.020))
+    assert miss is not None and miss.objective == "tpot"
+    assert "time per output token 24 ms" in miss.message
+    assert predict(EngineLoad(0, 5), rates, 10, num_seqs=3).tpot_s == pytest.approx(0.024)
 
 
 def test_decode_step_time_from_one_batch_size_scales_up_only() -> None:
@@ -58,8 +62,8 @@ def test_decode_step_time_from_one_batch_size_scales_up_only() -> None:
 
 
 def test_ttft_is_checked_before_tpot() -> None:
-    reason = rejection(Prediction(2.0, 0.5), SLO(ttft_s=1.0, tpot_s=0.1))
-    assert reason is not None and reason.startswith("predicted time to first token")
+    miss = rejection(Prediction(2.0, 0.5), SLO(ttft_s=1.0, tpot_s=0.1))
+    assert miss is not None and miss.objective == "ttft"
     assert rejection(Prediction(2.0, 0.5), SLO()) is None  # no objectives: admit
 
 

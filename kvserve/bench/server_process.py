@@ -1,4 +1,5 @@
-"""Start and stop a `kvserve serve` process on a free loopback port (benchmarks and tests)."""
+"""Start and stop a `kvserve serve` (or `kvserve cluster`) process on a free loopback port
+(benchmarks and tests)."""
 
 from __future__ import annotations
 
@@ -21,13 +22,21 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m kvserve serve ARGS --port P` with its output in `log`; waits for /health.
+    """`python -m kvserve COMMAND ARGS --port P` with its output in `log`; waits for /health.
 
     `start_timeout_s` must cover model loading and, with `--compile`, every compiled bucket.
+    `command` is "serve" or "cluster".
     """
 
-    def __init__(self, args: list[str], log: str | Path, start_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        log: str | Path,
+        start_timeout_s: float = 180.0,
+        command: str = "serve",
+    ) -> None:
         self.args = list(args)
+        self.command = command
         self.log = Path(log)
         self.start_timeout_s = start_timeout_s
         self.port = free_port()
@@ -36,7 +45,8 @@ class ServerProcess:
 
     def start(self) -> str:
         """Start the server and return its base URL once /health answers 200."""
-        command = [sys.executable, "-m", "kvserve", "serve", "--port", str(self.port), *self.args]
+        command = [sys.executable, "-m", "kvserve", self.command, "--port", str(self.port)]
+        command += self.args
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with self.log.open("wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)

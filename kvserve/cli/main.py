@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from kvserve.bench import cli as bench_cli
-from kvserve.cli import generate, kernels, kv_size, serve
+from kvserve.cli import cluster, generate, kernels, kv_size, serve
 from kvserve.eval import cli as eval_cli
 from kvserve.sim import cli as sim_cli
 from kvserve.trace import cli as trace_cli
@@ -17,14 +17,15 @@ from kvserve.trace import cli as trace_cli
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvserve",
-        description="kvserve command line: generate | chat | serve | kv-size | kernels | eval | "
-        "trace | bench. Engine flags are generated from the fields of EngineConfig (vLLM "
+        description="kvserve command line: generate | chat | serve | cluster | kv-size | kernels | "
+        "eval | trace | bench. Engine flags are generated from the fields of EngineConfig (vLLM "
         "spelling), so every engine argument is a flag everywhere an engine is built.",
     )
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ...")
     commands = parser.add_subparsers(dest="command", required=True)
     generate.add_subcommands(commands)
     serve.add_subcommand(commands)
+    cluster.add_subcommand(commands)
     kv_size.add_subcommand(commands)
     kernels.add_subcommand(commands)
     eval_cli.add_subcommand(commands)

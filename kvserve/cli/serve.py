@@ -13,6 +13,12 @@ from kvserve.server.limits import add_limit_args
 
 def add_subcommand(commands: Any) -> None:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
+    add_server_args(serve)
+    serve.set_defaults(func=run)
+
+
+def add_server_args(serve: argparse.ArgumentParser) -> None:
+    """The HTTP server's flags, its limits and the engine's (`serve` and `cluster` share them)."""
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None, help="default: the model's name")
@@ -24,7 +30,6 @@ def add_subcommand(commands: Any) -> None:
     )
     add_limit_args(serve)
     EngineConfig.add_cli_args(serve)
-    serve.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

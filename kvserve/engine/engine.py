@@ -29,6 +29,7 @@ from kvserve.engine.structured_output import StructuredOutputManager
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_connector import ConnectorMetrics, KVConnector
+from kvserve.kv.kv_events import KVEvent
 from kvserve.kv.tiers.build import build_tier_connector
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.request import Request, RequestStatus
@@ -44,10 +45,16 @@ class Engine:
     `kv_connector` moves KV blocks to and from a place outside the pool (a tier, another
     engine; see kv/kv_connector.py); None: the pool is all there is.
     `block_hash_params` are what a router needs to compute this engine's block hashes from
-    token ids (`BlockHashParams.block_hashes`).
+    token ids (`BlockHashParams.block_hashes`); with `enable_kv_events`, `take_kv_events`
+    says which blocks it stored and evicted since (kv/kv_events.py).
     """
 
-    def __init__(self, config: EngineConfig, kv_connector: KVConnector | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        kv_connector: KVConnector | None = None,
+        enable_kv_events: bool = False,
+    ) -> None:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
         self.model_path = _resolve_model_path(config.model)
@@ -83,6 +90,7 @@ class Engine:
             max_model_len=self.max_model_len,
             hash_extra_keys=self.block_hash_params.extra_keys,
             sliding_window=self.model_config.sliding_window,
+            enable_kv_events=enable_kv_events,
             connector=kv_connector,
         )
         self.eos_token_ids = self._eos_token_ids()
@@ -187,6 +195,11 @@ class Engine:
         files, connections); the engine is not stepped afterwards."""
         if self.kv_connector is not None:
             self.kv_connector.close()
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """Blocks stored in and removed from the prefix cache since the last call, oldest
+        first ([] unless built with `enable_kv_events`)."""
+        return self.kv_cache_manager.take_events()
 
     def get_load(self) -> EngineLoad:
         """Tokens queued for prefill and running decodes, for SLO admission (engine/slo.py)."""

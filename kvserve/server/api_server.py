@@ -1,7 +1,8 @@
-"""The OpenAI-compatible app (FastAPI inside kvserve's ASGI layers) over `AsyncEngine`;
-launch.py runs it under uvicorn.
+"""The OpenAI-compatible app (FastAPI inside kvserve's ASGI layers) over an engine client
+(`AsyncEngine`, or `kvserve cluster`'s replicas); launch.py runs it under uvicorn.
 
-    GET|HEAD /health           200 while the server runs (never needs the API key)
+    GET|HEAD /health           200 while the server can answer, 503 when no engine replica
+                               is up (never needs the API key)
     GET  /metrics              Prometheus text (kvserve/server/metrics.py)
     GET  /v1/models            the one served model
     POST /v1/completions       prompt (text or token ids) -> text, streamed with "stream": true
@@ -24,13 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp
 
 from kvserve.server.admission import AdmissionGate, AdmitAtArrival
-from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.engine_client import EngineClient
 from kvserve.server.errors import add_error_handlers
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
@@ -42,7 +43,7 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 def build_app(
-    engine: AsyncEngine,
+    engine: EngineClient,
     model_name: str,
     api_key: str | None = None,
     limits: ServerLimits | None = None,
@@ -56,7 +57,7 @@ def build_app(
         limits: the bounds on a request's cost (default: `ServerLimits()`).
     """
     limits = limits or ServerLimits()
-    metrics = ServerMetrics(engine.get_metrics, model_name)
+    metrics = ServerMetrics(engine.get_metrics, model_name, engine.collectors())
     app = _routes(Serving(engine, model_name, metrics, limits=limits))
     # every POST route's body is read and checked by BodyGuard
     routes = [route for route in app.routes if isinstance(route, APIRoute)]
@@ -75,8 +76,9 @@ def _routes(serving: Serving) -> FastAPI:
     add_error_handlers(app)
 
     @app.api_route("/health", methods=["GET", "HEAD"])
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> Any:
+        body = serving.engine.health()
+        return JSONResponse(body, status_code=503 if body["status"] == "down" else 200)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import PromptInput, TokenizedPrompt
 from kvserve.engine.slo import SLO
+from kvserve.kv.kv_events import KVEvent
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.slo_gate import SLOGate
@@ -87,6 +88,7 @@ class AsyncEngine:
         )
         self._applied_seq = 0  # the last SLO-gated request queued in the engine
         self._commands: deque[Command] = deque()
+        self._kv_events: deque[KVEvent] = deque()  # the engine's, until take_kv_events
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
         self._stopping = False
@@ -133,8 +135,22 @@ class AsyncEngine:
         """A snapshot of the engine's counters (read while a step may run: ints, no locks)."""
         return self.engine.get_metrics()
 
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok"}
+
+    def collectors(self) -> list[Any]:
+        return []
+
+    def take_kv_events(self) -> list[KVEvent]:
+        """The prefix-cache events the engine recorded since the last call, oldest first
+        (none unless the engine was built with `enable_kv_events`)."""
+        events = []
+        while self._kv_events:  # the engine thread appends at the other end
+            events.append(self._kv_events.popleft())
+        return events
+
     async def generate(
-        self, request_id: str, prompt: PromptInput, params: SamplingParams
+        self, request_id: str, prompt: PromptInput | TokenizedPrompt, params: SamplingParams
     ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request and yield its cumulative output after every step that advanced it.
 
@@ -175,7 +191,7 @@ class AsyncEngine:
             self.engine.close()
 
     def _tokenize_and_validate(
-        self, prompt: PromptInput, params: SamplingParams
+        self, prompt: PromptInput | TokenizedPrompt, params: SamplingParams
     ) -> TokenizedPrompt:
         """The prompt tokenized once (its cache salt kept), checked against the engine."""
         tokenized = self.engine.tokenize(prompt)
@@ -212,7 +228,9 @@ class AsyncEngine:
         self._publish_load()
 
     def _publish_load(self) -> None:
-        """Give the SLO gate the engine's load and rates as they stand now."""
+        """Give the SLO gate the engine's load and rates as they stand now, and the events
+        of the prefix cache to `take_kv_events`."""
+        self._kv_events.extend(self.engine.take_kv_events())
         if self.slo_gate is not None:
             self.slo_gate.publish(self._applied_seq, self.engine.get_load(), self.engine.step_rates)
 

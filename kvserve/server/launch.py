@@ -13,7 +13,7 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from kvserve.server.api_server import build_app
-from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.engine_client import EngineClient
 from kvserve.server.http_protocol import MAX_HEAD_BYTES, protocol_class
 from kvserve.server.limits import ServerLimits
 
@@ -66,7 +66,7 @@ def _banner(model: str, host: str, port: int, api_key: str | None) -> str:
 
 
 def serve(
-    engine: AsyncEngine,
+    engine: EngineClient,
     model_name: str,
     host: str,
     port: int,

@@ -27,7 +27,7 @@ With KV tiers below the pool, one family per counter with a `tier` label ("cpu",
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -150,9 +150,16 @@ def _buckets(tier: TierMetrics) -> list[tuple[str, float]]:
 class ServerMetrics:
     """One registry per server: the engine collector plus request latency histograms."""
 
-    def __init__(self, read: Callable[[], EngineMetrics], model_name: str) -> None:
+    def __init__(
+        self,
+        read: Callable[[], EngineMetrics],
+        model_name: str,
+        collectors: Sequence[Collector] = (),
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(_EngineCollector(read, model_name))
+        for collector in collectors:  # the engine's own (a cluster's routing, say)
+            self.registry.register(collector)
         labels = ["model_name"]
         self._ttft = Histogram(
             PREFIX + "time_to_first_token_seconds", "Time to first token.", labels,

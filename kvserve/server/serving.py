@@ -24,8 +24,8 @@ from kvserve.outputs import RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server import responses, streaming
 from kvserve.server.admission import reservation_of
-from kvserve.server.async_engine import AsyncEngine
 from kvserve.server.endpoints import ChatEndpoint, CompletionEndpoint, Endpoint
+from kvserve.server.engine_client import EngineClient
 from kvserve.server.errors import ModelNotFound
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
@@ -38,7 +38,7 @@ from kvserve.tokenizer import apply_chat_template
 class Serving:
     """What the routes share: the engine, the served model's name, metrics and limits."""
 
-    engine: AsyncEngine
+    engine: EngineClient
     model_name: str
     metrics: ServerMetrics
     limits: ServerLimits = field(default_factory=ServerLimits)

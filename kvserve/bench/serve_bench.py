@@ -9,8 +9,9 @@ Every request is sent at its arrival time whether or not earlier ones have finis
     tpot = (e2el - ttft) / (output_tokens - 1);   goodput = requests/s meeting every SLO
 
 The server is either running already (`--base-url`) or started by the bench, once per
-`--launch "SERVER ARGS"` (repeatable): the same workload then runs against each
-configuration in turn, and the table gives each run's metrics and its ratio to the first.
+`--launch "SERVER ARGS"` (repeatable; `--launch "cluster ARGS"` starts `kvserve cluster`):
+the same workload then runs against each configuration in turn, and the table gives each
+run's metrics and its ratio to the first.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def add_subcommand(commands: Any) -> None:
     target.add_argument("--base-url", default=None, help="a running server (default: --launch)")
     target.add_argument(
         "--launch", action="append", default=None, metavar="ARGS",
-        help="start `kvserve serve ARGS` for a run (repeatable: one run per ARGS; '' = defaults)",
+        help="start `kvserve serve ARGS` for a run (repeatable: one run per ARGS; '' = "
+        "defaults); ARGS starting with `cluster` start `kvserve cluster` with the rest",
     )  # fmt: skip
     target.add_argument("--launch-timeout", type=float, default=900.0, help="s to start one")
     target.add_argument("--model", default=None, help="model name to send (default: the served)")
@@ -162,7 +164,9 @@ def _one_run(
     if launch is None:
         return _measure(args, args.base_url, requests, space)
     log = Path(args.output_json or "bench_serve").with_suffix(f".server{index}.log")
-    with ServerProcess(shlex.split(launch), log, args.launch_timeout) as server:
+    words = shlex.split(launch)
+    command = words.pop(0) if words[:1] == ["cluster"] else "serve"
+    with ServerProcess(words, log, args.launch_timeout, command) as server:
         return _measure(args, server.base_url, requests, space)
 
 

@@ -27,11 +27,13 @@ import ray
 from prometheus_client.registry import Collector
 from ray.exceptions import RayActorError, RayTaskError
 
+from kvserve.cluster.admission import ClusterAdmission
 from kvserve.cluster.metrics import RetiredCounters, RoutingCollector, sum_metrics
 from kvserve.cluster.replica import EngineReplica, ReplicaInfo, ReplicaReport
-from kvserve.cluster.routing import Choice, NoReplicaUp, ReplicaState, Router
+from kvserve.cluster.routing import NoReplicaUp, ReplicaState, Router
 from kvserve.config import EngineConfig
 from kvserve.engine.prompts import PromptInput, tokenize_prompt
+from kvserve.engine.slo import SLO
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
 from kvserve.server.async_engine import EngineDeadError
@@ -43,9 +45,19 @@ logger = logging.getLogger("kvserve")
 class ClusterEngine:
     """Engine replicas on Ray behind one `generate`. Build with `ClusterEngine.start`."""
 
-    def __init__(self, handles: list[Any], infos: list[ReplicaInfo], router: Router) -> None:
+    def __init__(
+        self,
+        handles: list[Any],
+        infos: list[ReplicaInfo],
+        router: Router,
+        slo: SLO | None = None,
+    ) -> None:
         self.handles = handles
         self.router = router
+        self.admission = None
+        if slo is not None and any(value is not None for value in slo):
+            block_size = infos[0].block_hash_params.block_size
+            self.admission = ClusterAdmission(slo, len(handles), block_size)
         self.replicas = [ReplicaState() for _ in handles]
         self.incarnations = [info.incarnation for info in infos]
         self.info = infos[0]
@@ -65,9 +77,11 @@ class ClusterEngine:
         num_replicas: int,
         router: Router,
         replica_cpus: float = 1,
+        slo: SLO | None = None,
     ) -> ClusterEngine:
         """Create `num_replicas` replica actors on the Ray cluster `ray.init` joined (the
-        caller's) and wait until each has loaded its engine.
+        caller's) and wait until each has loaded its engine. With `slo`, requests predicted
+        to miss it on every replica tried are refused (cluster/admission.py).
 
         Raises:
             ValueError: num_replicas or replica_cpus < 1, or an engine argument is invalid.
@@ -86,7 +100,7 @@ class ClusterEngine:
             for handle in handles:
                 ray.kill(handle)
             raise _unwrap(error) from None
-        return cls(handles, infos, router)
+        return cls(handles, infos, router, slo)
 
     @property
     def tokenizer(self) -> Any:
@@ -130,16 +144,18 @@ class ClusterEngine:
         Raises:
             ValueError: invalid prompt or parameters (nothing runs).
             Rejected: 503, every replica is down.
+            SLOMiss: predicted to miss the SLO on the replicas tried (429, nothing ran).
             EngineDeadError: the replica died after the request had streamed.
         """
         tokenized = await asyncio.to_thread(tokenize_prompt, self.tokenizer, prompt)
         hashes = self.info.block_hash_params.block_hashes(
             tokenized.prompt_token_ids, tokenized.cache_salt
         )
+        num_tokens = len(tokenized.prompt_token_ids)
         for _ in range(len(self.handles)):  # a replica that dies before streaming: next one
-            choice = self._choose(hashes)
-            replica = self.replicas[choice.replica]
-            stream = self.handles[choice.replica].generate.remote(request_id, tokenized, params)
+            index, seq = self._route(hashes, num_tokens, params.n)
+            replica = self.replicas[index]
+            stream = self.handles[index].generate.remote(request_id, tokenized, params, seq)
             replica.in_flight += params.n
             streamed = finished = False
             try:
@@ -152,10 +168,10 @@ class ClusterEngine:
                 raise _unwrap(error) from None
             except RayActorError as error:
                 replica.up = False
-                logger.warning("engine replica %d died: %s", choice.replica, error)
+                logger.warning("engine replica %d died: %s", index, error)
                 if streamed:
                     raise EngineDeadError(
-                        f"engine replica {choice.replica} died while running the request"
+                        f"engine replica {index} died while running the request"
                     ) from error
             finally:
                 replica.in_flight -= params.n
@@ -174,14 +190,22 @@ class ClusterEngine:
         for handle in self.handles:
             ray.kill(handle)
 
-    def _choose(self, hashes: list[bytes]) -> Choice:
+    def _route(self, hashes: list[bytes], num_tokens: int, num_seqs: int) -> tuple[int, int]:
+        """(replica, SLO gate number): the router's choice, or with SLO admission the first
+        of it and the least loaded replica predicted to meet the SLO (SLOMiss if neither)."""
         try:
             choice = self.router.choose(self.replicas, hashes)
+            fallback = self.router.least_loaded(self.replicas)
         except NoReplicaUp as error:
             raise Rejected(503, str(error), "overloaded", {"Retry-After": "1"}) from None
-        key = (choice.replica, choice.reason)
-        self.routed[key] = self.routed.get(key, 0) + 1
-        return choice
+        index, seq, reason = choice.replica, 0, choice.reason
+        if self.admission is not None:
+            index, seq = self.admission.admit(
+                self.replicas, choice, fallback, hashes, num_tokens, num_seqs
+            )
+            reason = reason if index == choice.replica else "slo"
+        self.routed[index, reason] = self.routed.get((index, reason), 0) + 1
+        return index, seq
 
     def _poll_loop(self) -> None:
         pending: dict[int, Any] = {}  # replica -> its poll in flight
@@ -208,8 +232,12 @@ class ClusterEngine:
                 self.incarnations[index] = report.incarnation
                 self._retired.retire(self._metrics[index])
                 replica.blocks = set()
+                if self.admission is not None:
+                    self.admission.restart(index)
             replica.apply(report.events)
             self._metrics[index] = report.metrics
+            if self.admission is not None:
+                self.admission.publish(index, report.load)
         replica.up = True
 
 

@@ -28,7 +28,7 @@ from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_events import KVEvent
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.async_engine import AsyncEngine, LoadReport
 
 
 class ReplicaInfo(NamedTuple):
@@ -49,18 +49,16 @@ class ReplicaReport(NamedTuple):
     incarnation: str
     events: list[KVEvent]
     metrics: EngineMetrics
+    load: LoadReport  # for SLO admission in the ingress
 
 
 class EngineReplica:
     """An engine stepping on its own thread inside a Ray actor (an async actor: `generate`
     streams, and several requests are in flight at once)."""
 
-    def __init__(self, config: EngineConfig, fail_after_outputs: int | None = None) -> None:
-        """Build the engine (prefix-cache events on). `fail_after_outputs` exits the process
-        after that many streamed outputs (a fault for the tests; None in service)."""
+    def __init__(self, config: EngineConfig) -> None:
+        """Build the engine, prefix-cache events on."""
         self.incarnation = uuid.uuid4().hex
-        self._fail_after = fail_after_outputs
-        self._outputs = 0
         self.engine = AsyncEngine.build(lambda: Engine(config, enable_kv_events=True))
 
     def describe(self) -> ReplicaInfo:
@@ -76,18 +74,17 @@ class EngineReplica:
         )
 
     async def generate(
-        self, request_id: str, prompt: TokenizedPrompt, params: SamplingParams
+        self, request_id: str, prompt: TokenizedPrompt, params: SamplingParams, seq: int = 0
     ) -> AsyncGenerator[RequestOutput, None]:
-        """The request's cumulative outputs; ValueError for invalid input (nothing queued)."""
-        async for output in self.engine.generate(request_id, prompt, params):
-            self._outputs += 1
-            if self._fail_after is not None and self._outputs > self._fail_after:
-                os._exit(1)  # the test fault: die mid-stream, as a crash would
+        """The request's cumulative outputs (`seq`: its number in the ingress's SLO gate for
+        this replica); ValueError for invalid input (nothing queued)."""
+        async for output in self.engine.generate(request_id, prompt, params, seq):
             yield output
 
     def poll(self) -> ReplicaReport:
+        engine = self.engine
         return ReplicaReport(
-            self.incarnation, self.engine.take_kv_events(), self.engine.get_metrics()
+            self.incarnation, engine.take_kv_events(), engine.get_metrics(), engine.load_report
         )
 
     def shutdown(self) -> None:

@@ -107,6 +107,17 @@ class Router:
                 return index
         raise AssertionError("unreachable: `candidates` is not empty")
 
+    def least_loaded(self, replicas: Sequence[ReplicaState]) -> int:
+        """The replica up with the fewest sequences in flight (the first of equals).
+
+        Raises:
+            NoReplicaUp: no replica is up.
+        """
+        up = [index for index, replica in enumerate(replicas) if replica.up]
+        if not up:
+            raise NoReplicaUp("no engine replica is up (restarting); retry shortly")
+        return min(up, key=lambda index: replicas[index].in_flight)  # leaves the turn alone
+
     def _least_loaded(self, replicas: Sequence[ReplicaState], up: list[int]) -> int:
         """Fewest in-flight sequences; among equals, the first at or after the turn."""
         fewest = min(replicas[index].in_flight for index in up)

@@ -15,6 +15,7 @@ cancellation) is aborted before the next step and its KV blocks freed.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import queue
 import threading
@@ -25,7 +26,7 @@ from typing import Any, NamedTuple
 
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import PromptInput, TokenizedPrompt
-from kvserve.engine.slo import SLO
+from kvserve.engine.slo import SLO, EngineLoad, StepRates
 from kvserve.kv.kv_events import KVEvent
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
@@ -54,6 +55,16 @@ class AbortRequest(NamedTuple):
 
 
 Command = AddRequest | AbortRequest
+
+
+class LoadReport(NamedTuple):
+    """The engine's load and measured rates, with every request up to `applied_seq` queued."""
+
+    applied_seq: int
+    load: EngineLoad
+    rates: StepRates
+
+
 # What a request's queue receives: its outputs, or the error that ends it.
 Delivery = RequestOutput | Exception
 
@@ -87,6 +98,7 @@ class AsyncEngine:
             SLOGate(slo) if slo is not None and any(v is not None for v in slo) else None
         )
         self._applied_seq = 0  # the last SLO-gated request queued in the engine
+        self.load_report = LoadReport(0, EngineLoad(0, 0), StepRates())
         self._commands: deque[Command] = deque()
         self._kv_events: deque[KVEvent] = deque()  # the engine's, until take_kv_events
         self._wake = threading.Event()
@@ -150,9 +162,17 @@ class AsyncEngine:
         return events
 
     async def generate(
-        self, request_id: str, prompt: PromptInput | TokenizedPrompt, params: SamplingParams
+        self,
+        request_id: str,
+        prompt: PromptInput | TokenizedPrompt,
+        params: SamplingParams,
+        seq: int = 0,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request and yield its cumulative output after every step that advanced it.
+
+        `seq` is the request's number in an SLO gate outside (`kvserve cluster`'s, which reads
+        `load_report` to know which of its admissions the engine has queued); this engine's
+        own gate, when it has one, numbers the request itself.
 
         Raises:
             ValueError: the prompt or parameters are invalid (nothing was queued).
@@ -160,7 +180,6 @@ class AsyncEngine:
             EngineDeadError: a model step failed.
         """
         tokenized = await asyncio.to_thread(self._tokenize_and_validate, prompt, params)
-        seq = 0
         if self.slo_gate is not None:  # raises SLOMiss before anything is queued
             seq = self.slo_gate.admit(len(tokenized.prompt_token_ids), params.n)
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
@@ -228,11 +247,15 @@ class AsyncEngine:
         self._publish_load()
 
     def _publish_load(self) -> None:
-        """Give the SLO gate the engine's load and rates as they stand now, and the events
-        of the prefix cache to `take_kv_events`."""
+        """Publish the engine's load and rates as they stand now (`load_report`, the SLO
+        gate), and the events of the prefix cache to `take_kv_events`."""
         self._kv_events.extend(self.engine.take_kv_events())
+        report = LoadReport(
+            self._applied_seq, self.engine.get_load(), copy.copy(self.engine.step_rates)
+        )
+        self.load_report = report  # replaced whole: readers on other threads see one report
         if self.slo_gate is not None:
-            self.slo_gate.publish(self._applied_seq, self.engine.get_load(), self.engine.step_rates)
+            self.slo_gate.publish(*report)
 
     def _step(self) -> None:
         try:

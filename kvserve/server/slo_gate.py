@@ -15,7 +15,6 @@ then sees its own queue grow).
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 from typing import NamedTuple
 
@@ -49,8 +48,9 @@ class SLOGate:
         self._pending: deque[tuple[int, int, int]] = deque()  # (seq, tokens, seqs) admitted
 
     def publish(self, applied_seq: int, load: EngineLoad, rates: StepRates) -> None:
-        """The engine's load and rates, with every request up to `applied_seq` queued."""
-        self._snapshot = _Snapshot(applied_seq, load, copy.copy(rates))
+        """The engine's load and rates, with every request up to `applied_seq` queued
+        (`rates` is kept as given: pass a copy the engine will not update)."""
+        self._snapshot = _Snapshot(applied_seq, load, rates)
 
     def admit(self, num_prompt_tokens: int, num_seqs: int) -> int:
         """The sequence number to queue the request under.

@@ -21,6 +21,7 @@ from tests.server_helpers import port_of, send_post, wait_for, wait_until_idle
 
 NAME = "tiny"
 ENGINE_ARGS = ["--max-model-len", "128", "--num-kv-blocks", "64"]
+DAY_MS = "86400000"  # SLO admission runs on every request, and admits every one
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,8 @@ def model(make_tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory) -
 def cluster(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("cluster") / "cluster.log"
     args = ["--model", str(model), "--served-model-name", NAME, *ENGINE_ARGS,
-            "--replicas", "2", "--replica-cpus", "1", "--router", "cache-aware"]  # fmt: skip
+            "--replicas", "2", "--replica-cpus", "1", "--router", "cache-aware",
+            "--slo-ttft-ms", DAY_MS, "--slo-tpot-ms", DAY_MS]  # fmt: skip
     with ServerProcess(args, log, start_timeout_s=300, command="cluster") as server:
         yield server
 
@@ -112,6 +114,7 @@ def test_outputs_equal_one_engine_greedy_and_seeded(cluster: ServerProcess, mode
             assert choice.logprobs is not None and choice.logprobs.tokens is not None
             assert len(choice.logprobs.tokens) == len(output.outputs[0].token_ids)
             assert choice.text == output.outputs[0].text
+    assert samples(cluster.base_url, "slo_rejections_total") == {}  # a day: all admitted
 
 
 def test_a_client_hanging_up_mid_stream_frees_the_blocks_on_its_replica(

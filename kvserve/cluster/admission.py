@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from kvserve.cluster.routing import Choice, ReplicaState
 from kvserve.engine.slo import SLO
-from kvserve.server.async_engine import LoadReport
+from kvserve.server.engine_commands import LoadReport
 from kvserve.server.slo_gate import SLOGate, SLOMiss
 
 

@@ -4,7 +4,7 @@ OpenAI server already serves (`AsyncEngine`'s), so the API, streaming and limits
     HTTP request -> Serving -> ClusterEngine.generate:
         tokenize here (the router needs token ids) -> block hashes -> Router.choose
         -> replica.generate (a Ray streaming call) -> outputs yielded as they arrive
-    a poller thread: every `poll_interval_s`, each replica's KV events and metrics
+    a poller thread (poller.py): every 20 ms, each replica's KV events and metrics
         -> the router's per-replica prefix index; /metrics sums the replicas
 
 Faults: a replica that dies is restarted by Ray (`max_restarts`). Its requests that had
@@ -20,15 +20,18 @@ import asyncio
 import logging
 import threading
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
+from functools import partial
 from typing import Any
 
 import ray
 from prometheus_client.registry import Collector
 from ray.exceptions import RayActorError, RayTaskError
 
+from kvserve.cluster import handoff
 from kvserve.cluster.admission import ClusterAdmission
 from kvserve.cluster.metrics import RetiredCounters, RoutingCollector, sum_metrics
+from kvserve.cluster.poller import ReplicaPoller
 from kvserve.cluster.replica import EngineReplica, ReplicaInfo, ReplicaReport
 from kvserve.cluster.routing import NoReplicaUp, ReplicaState, Router
 from kvserve.config import EngineConfig
@@ -51,9 +54,17 @@ class ClusterEngine:
         infos: list[ReplicaInfo],
         router: Router,
         slo: SLO | None = None,
+        num_prefill: int = 0,
+        transport: str = "object-store",
     ) -> None:
+        """`num_prefill` > 0: the first replicas prefill, the others decode (`transport`:
+        how the KV goes from one to the other, cluster/handoff.py)."""
         self.handles = handles
         self.router = router
+        self.prefill_ids = list(range(num_prefill))
+        self.decode_ids = list(range(num_prefill, len(handles))) if num_prefill else []
+        self.transport = transport
+        self.handoffs = handoff.HandoffStats()
         self.admission = None
         if slo is not None and any(value is not None for value in slo):
             block_size = infos[0].block_hash_params.block_size
@@ -64,11 +75,8 @@ class ClusterEngine:
         self.routed: dict[tuple[int, str], int] = {}  # (replica, reason) -> requests
         self._metrics: list[EngineMetrics | None] = [None] * len(handles)
         self._retired = RetiredCounters()
-        self._stopping = threading.Event()
         self._lock = threading.Lock()  # the poller's updates vs the event loop's reads
-        self.poll_interval_s = 0.02
-        self._poller = threading.Thread(target=self._poll_loop, name="kvserve-poll", daemon=True)
-        self._poller.start()
+        self._poller = ReplicaPoller(handles, self._absorb, self._mark_down)
 
     @classmethod
     def start(
@@ -78,18 +86,24 @@ class ClusterEngine:
         router: Router,
         replica_cpus: float = 1,
         slo: SLO | None = None,
+        num_prefill: int = 0,
+        transport: str = "object-store",
     ) -> ClusterEngine:
         """Create `num_replicas` replica actors on the Ray cluster `ray.init` joined (the
         caller's) and wait until each has loaded its engine. With `slo`, requests predicted
-        to miss it on every replica tried are refused (cluster/admission.py).
+        to miss it on every replica tried are refused (cluster/admission.py). With
+        `num_prefill`, that many replicas prefill and the rest decode (cluster/handoff.py).
 
         Raises:
-            ValueError: num_replicas or replica_cpus < 1, or an engine argument is invalid.
+            ValueError: a count or replica_cpus out of range, an unknown transport, or an
+                invalid engine argument.
         """
         if num_replicas < 1:
             raise ValueError(f"replicas: must be >= 1, got {num_replicas}")
         if replica_cpus <= 0:
             raise ValueError(f"replica_cpus: must be > 0, got {replica_cpus}")
+        if num_prefill:
+            config = handoff.handoff_config(config, num_prefill, num_replicas, transport)
         actor: Any = ray.remote(EngineReplica).options(
             num_cpus=replica_cpus, max_restarts=-1, max_task_retries=0, max_concurrency=10_000
         )
@@ -100,7 +114,7 @@ class ClusterEngine:
             for handle in handles:
                 ray.kill(handle)
             raise _unwrap(error) from None
-        return cls(handles, infos, router, slo)
+        return cls(handles, infos, router, slo, num_prefill, transport)
 
     @property
     def tokenizer(self) -> Any:
@@ -143,7 +157,7 @@ class ClusterEngine:
 
         Raises:
             ValueError: invalid prompt or parameters (nothing runs).
-            Rejected: 503, every replica is down.
+            Rejected: 503, every replica (of a stage) is down.
             SLOMiss: predicted to miss the SLO on the replicas tried (429, nothing ran).
             EngineDeadError: the replica died after the request had streamed.
         """
@@ -152,37 +166,57 @@ class ClusterEngine:
             tokenized.prompt_token_ids, tokenized.cache_salt
         )
         num_tokens = len(tokenized.prompt_token_ids)
+        if self.prefill_ids:
+            if params.max_tokens is None:  # resolved here: the plan needs it
+                params = params.replace(max_tokens=max(1, self.max_model_len - num_tokens))
+            run = handoff.disaggregated(self, request_id, tokenized, hashes, params)
+            async for output in run:
+                yield output
+            return
         for _ in range(len(self.handles)):  # a replica that dies before streaming: next one
-            index, seq = self._route(hashes, num_tokens, params.n)
-            replica = self.replicas[index]
-            stream = self.handles[index].generate.remote(request_id, tokenized, params, seq)
-            replica.in_flight += params.n
-            streamed = finished = False
+            index, seq = self.route(hashes, num_tokens, params.n)
+            handle = self.handles[index]
+            streamed = False
             try:
-                async for ref in stream:
-                    output: RequestOutput = await ref
-                    streamed, finished = True, output.finished
+                call = partial(handle.generate.remote, request_id, tokenized, params, seq)
+                async for output in self.stream(index, params.n, call):
+                    streamed = True
                     yield output
                 return
-            except RayTaskError as error:  # the replica raised: invalid input, or a bug
-                raise _unwrap(error) from None
             except RayActorError as error:
-                replica.up = False
-                logger.warning("engine replica %d died: %s", index, error)
                 if streamed:
                     raise EngineDeadError(
                         f"engine replica {index} died while running the request"
                     ) from error
-            finally:
-                replica.in_flight -= params.n
-                if not finished:
-                    ray.cancel(stream)  # aborts it on the replica: its KV blocks are freed
         raise EngineDeadError("every engine replica tried died before answering")
+
+    async def stream(
+        self, index: int, num_seqs: int, call: Callable[[], Any]
+    ) -> AsyncGenerator[Any, None]:
+        """The items of a streaming call to replica `index`, counted in flight; what the
+        replica raised is raised as it was; a consumer that leaves cancels the call."""
+        replica = self.replicas[index]
+        replica.in_flight += num_seqs
+        stream = call()
+        done = False
+        try:
+            async for ref in stream:
+                yield await ref
+            done = True
+        except RayTaskError as error:  # the replica raised: invalid input, or a bug
+            raise _unwrap(error) from None
+        except RayActorError as error:
+            replica.up = False
+            logger.warning("engine replica %d died: %s", index, error)
+            raise
+        finally:
+            replica.in_flight -= num_seqs
+            if not done:
+                ray.cancel(stream)  # aborts it on the replica: its KV blocks are freed
 
     def shutdown(self) -> None:
         """Stop polling and the replicas (their engines close, KV saves finish)."""
-        self._stopping.set()
-        self._poller.join(timeout=5)
+        self._poller.stop()
         try:
             ray.get([handle.shutdown.remote() for handle in self.handles], timeout=60)
         except Exception:  # a replica that is down has nothing to save
@@ -190,12 +224,19 @@ class ClusterEngine:
         for handle in self.handles:
             ray.kill(handle)
 
-    def _route(self, hashes: list[bytes], num_tokens: int, num_seqs: int) -> tuple[int, int]:
-        """(replica, SLO gate number): the router's choice, or with SLO admission the first
-        of it and the least loaded replica predicted to meet the SLO (SLOMiss if neither)."""
+    def route(
+        self,
+        hashes: list[bytes],
+        num_tokens: int,
+        num_seqs: int,
+        among: list[int] | None = None,
+    ) -> tuple[int, int]:
+        """(replica, SLO gate number): the router's choice (of `among`), or with SLO
+        admission the first of it and the least loaded replica predicted to meet the SLO
+        (SLOMiss if neither)."""
         try:
-            choice = self.router.choose(self.replicas, hashes)
-            fallback = self.router.least_loaded(self.replicas)
+            choice = self.router.choose(self.replicas, hashes, among)
+            fallback = self.router.least_loaded(self.replicas, among)
         except NoReplicaUp as error:
             raise Rejected(503, str(error), "overloaded", {"Retry-After": "1"}) from None
         index, seq, reason = choice.replica, 0, choice.reason
@@ -207,21 +248,14 @@ class ClusterEngine:
         self.routed[index, reason] = self.routed.get((index, reason), 0) + 1
         return index, seq
 
-    def _poll_loop(self) -> None:
-        pending: dict[int, Any] = {}  # replica -> its poll in flight
-        while not self._stopping.wait(self.poll_interval_s):
-            for index, handle in enumerate(self.handles):
-                if index not in pending:
-                    pending[index] = handle.poll.remote()
-            refs = {ref: index for index, ref in pending.items()}
-            ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=self.poll_interval_s)
-            for ref in ready:
-                index = refs[ref]
-                del pending[index]
-                try:
-                    self._absorb(index, ray.get(ref))
-                except RayActorError:
-                    self.replicas[index].up = False  # Ray restarts it; polls go on
+    def least_loaded(self, among: list[int]) -> int:
+        try:
+            return self.router.least_loaded(self.replicas, among)
+        except NoReplicaUp as error:
+            raise EngineDeadError(str(error)) from None
+
+    def _mark_down(self, index: int) -> None:
+        self.replicas[index].up = False  # Ray restarts it; polls go on
 
     def _absorb(self, index: int, report: ReplicaReport) -> None:
         """A replica's poll: a new incarnation restarts its index; events and metrics."""

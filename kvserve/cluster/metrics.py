@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kvserve.cluster.handoff import HandoffStats
 from kvserve.cluster.routing import ReplicaState
 from kvserve.outputs import EngineMetrics, TierMetrics
 from kvserve.server.metrics import PREFIX
@@ -87,10 +88,14 @@ def _add_tier(a: TierMetrics | None, b: TierMetrics | None) -> TierMetrics:
 class RoutingCollector(Collector):
     """The cluster's own families, one sample per replica (`replica` label: its index):
 
-    kvserve:cluster_replica_up                  gauge, 1 while the router sends to it
-    kvserve:cluster_replica_in_flight           gauge, sequences routed to it, unfinished
-    kvserve:cluster_replica_indexed_blocks      gauge, block hashes in its prefix index
-    kvserve:cluster_routed_requests_total       counter, by `reason` ("prefix", "load", "turn")
+        kvserve:cluster_replica_up                  gauge, 1 while the router sends to it
+        kvserve:cluster_replica_in_flight           gauge, sequences routed to it, unfinished
+        kvserve:cluster_replica_indexed_blocks      gauge, block hashes in its prefix index
+        kvserve:cluster_routed_requests_total       counter, by `reason` ("prefix", "load", "turn",
+                                                    "slo": the SLO sent it past the router's pick)
+
+    and, with prefill/decode disaggregation (cluster/handoff.py), the handoffs:
+    kvserve:kv_transfer_requests_total / _blocks_total / _bytes_total / _seconds_total.
     """
 
     def __init__(self, cluster: RoutingView) -> None:
@@ -124,8 +129,20 @@ class RoutingCollector(Collector):
         for (index, reason), count in sorted(self._cluster.routed.items()):
             routed.add_metric([str(index), reason], count)
         yield from (up, in_flight, indexed, routed)
+        stats = self._cluster.handoffs
+        handoffs = {
+            "kv_transfer_requests": ("Requests handed from prefill to decode.", stats.requests),
+            "kv_transfer_blocks": ("KV blocks the decode engines took.", stats.blocks),
+            "kv_transfer_bytes": ("Bytes of KV handed over.", stats.bytes),
+            "kv_transfer_seconds": ("Export, transfer and import, as waited for.", stats.seconds),
+        }
+        for name, (doc, value) in handoffs.items():
+            family = CounterMetricFamily(PREFIX + name, doc)
+            family.add_metric([], value)
+            yield family
 
 
 class RoutingView(Protocol):
     replicas: list[ReplicaState]
     routed: dict[tuple[int, str], int]
+    handoffs: HandoffStats

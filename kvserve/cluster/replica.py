@@ -15,20 +15,25 @@ an empty cache and a new incarnation, which tells the ingress to forget the old 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any, NamedTuple
 
 from kvserve.config import EngineConfig
+from kvserve.engine.continuation import ContinuedSample
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import TokenizedPrompt
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_events import KVEvent
+from kvserve.kv.tiers.transfer import Entry, export_entries, import_entries
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.async_engine import AsyncEngine, LoadReport
+from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.engine_commands import LoadReport
 
 
 class ReplicaInfo(NamedTuple):
@@ -50,6 +55,19 @@ class ReplicaReport(NamedTuple):
     events: list[KVEvent]
     metrics: EngineMetrics
     load: LoadReport  # for SLO admission in the ingress
+
+
+class Handoff(NamedTuple):
+    """What the decode engine took of a prefill's KV: entries sent and stored, bytes, and
+    the seconds storing them took."""
+
+    num_entries: int
+    num_taken: int
+    num_bytes: int
+    import_s: float
+
+
+FLUSH_TIMEOUT_S = 10.0  # a slow tier that takes longer: the decode engine recomputes
 
 
 class EngineReplica:
@@ -79,6 +97,37 @@ class EngineReplica:
         """The request's cumulative outputs (`seq`: its number in the ingress's SLO gate for
         this replica); ValueError for invalid input (nothing queued)."""
         async for output in self.engine.generate(request_id, prompt, params, seq):
+            yield output
+
+    async def export_kv(self, block_hashes: list[bytes], flush: bool) -> list[Entry]:
+        """The prefill side of a handoff: the stored entries of the prompt's blocks (the
+        object-store transport), or, with `flush`, [] once the blocks saved so far are
+        written to every tier (the shared-pool transport: the decode engine reads them)."""
+        engine = self.engine
+        if flush:
+            await asyncio.to_thread(engine.engine.flush_kv_saves, FLUSH_TIMEOUT_S)
+            return []
+        entries: list[Entry] = await engine.call_on_engine(
+            lambda e: export_entries(e.kv_connector, block_hashes)
+        )
+        return entries
+
+    async def continue_request(
+        self,
+        request_id: str,
+        prompt: TokenizedPrompt,
+        params: SamplingParams,
+        samples: list[ContinuedSample],
+        entries: list[Entry],
+        seq: int = 0,
+    ) -> AsyncGenerator[Handoff | RequestOutput, None]:
+        """The decode side: take the handed-over entries into this engine's tiers, say what
+        that took (a `Handoff`, first), then continue the samples (Engine.add_request)."""
+        start = time.perf_counter()
+        taken = await self.engine.call_on_engine(lambda e: import_entries(e.kv_connector, entries))
+        num_bytes = sum(len(value) for _, value in entries)
+        yield Handoff(len(entries), taken, num_bytes, time.perf_counter() - start)
+        async for output in self.engine.generate(request_id, prompt, params, seq, samples):
             yield output
 
     def poll(self) -> ReplicaReport:

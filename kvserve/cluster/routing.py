@@ -76,13 +76,19 @@ class Router:
         self.overload_margin = overload_margin
         self._turn = 0
 
-    def choose(self, replicas: Sequence[ReplicaState], block_hashes: Sequence[bytes]) -> Choice:
-        """The replica for a request whose prompt has `block_hashes` (may be empty).
+    def choose(
+        self,
+        replicas: Sequence[ReplicaState],
+        block_hashes: Sequence[bytes],
+        among: Sequence[int] | None = None,
+    ) -> Choice:
+        """The replica for a request whose prompt has `block_hashes` (may be empty), among
+        the replicas `among` (default: all; the prefill replicas of a disaggregated cluster).
 
         Raises:
-            NoReplicaUp: no replica is up.
+            NoReplicaUp: no replica (of `among`) is up.
         """
-        up = [index for index, replica in enumerate(replicas) if replica.up]
+        up = _up(replicas, among)
         if not up:
             raise NoReplicaUp("no engine replica is up (restarting); retry shortly")
         if self.policy == "round-robin":
@@ -107,13 +113,16 @@ class Router:
                 return index
         raise AssertionError("unreachable: `candidates` is not empty")
 
-    def least_loaded(self, replicas: Sequence[ReplicaState]) -> int:
-        """The replica up with the fewest sequences in flight (the first of equals).
+    def least_loaded(
+        self, replicas: Sequence[ReplicaState], among: Sequence[int] | None = None
+    ) -> int:
+        """The replica up (of `among`) with the fewest sequences in flight (the first of
+        equals).
 
         Raises:
-            NoReplicaUp: no replica is up.
+            NoReplicaUp: no replica (of `among`) is up.
         """
-        up = [index for index, replica in enumerate(replicas) if replica.up]
+        up = _up(replicas, among)
         if not up:
             raise NoReplicaUp("no engine replica is up (restarting); retry shortly")
         return min(up, key=lambda index: replicas[index].in_flight)  # leaves the turn alone
@@ -123,3 +132,8 @@ class Router:
         fewest = min(replicas[index].in_flight for index in up)
         fewest_up = [index for index in up if replicas[index].in_flight == fewest]
         return self._next_in_turn(fewest_up, len(replicas))
+
+
+def _up(replicas: Sequence[ReplicaState], among: Sequence[int] | None) -> list[int]:
+    candidates = range(len(replicas)) if among is None else among
+    return [index for index in candidates if replicas[index].up]

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from kvserve.config import EngineConfig
+from kvserve.engine.continuation import ContinuedSample, check_continuation, continue_children
 from kvserve.engine.engine_config import resolve_config
 from kvserve.engine.model_runner import ModelRunner
 from kvserve.engine.output_processor import OutputProcessor
@@ -26,6 +28,7 @@ from kvserve.engine.scheduler import Scheduler, SchedulerConfig
 from kvserve.engine.scheduler_output import ModelRunnerOutput, SchedulerOutput
 from kvserve.engine.slo import EngineLoad, StepRates
 from kvserve.engine.structured_output import StructuredOutputManager
+from kvserve.engine.validation import validate_request
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_cache_manager import KVCacheManager
 from kvserve.kv.kv_connector import ConnectorMetrics, KVConnector
@@ -146,16 +149,23 @@ class Engine:
         prompt: PromptInput | TokenizedPrompt,
         params: SamplingParams,
         arrival_time: float | None = None,
+        continue_from: Sequence[ContinuedSample] | None = None,
     ) -> None:
         """Validate and queue a request; raises ValueError (naming the field) before any work.
 
         `prompt` is anything `tokenize` takes, or what it returned (not tokenized again); a
         dict prompt's `cache_salt` is read here and nowhere else (see `engine/prompts.py`).
+        `continue_from`: the samples to run, each from the output tokens another engine
+        generated (prefill/decode disaggregation; engine/continuation.py).
         """
         if self.output_processor.has_request(request_id):
             raise ValueError(f"request_id: {request_id!r} is already running")
         text, prompt_token_ids, cache_salt = self.tokenize(prompt)
         params = self.validate(prompt_token_ids, params)
+        if continue_from is not None:
+            vocab_size = self.model_config.vocab_size
+            check_continuation(continue_from, params, vocab_size, self.eos_token_ids)
+        indices = range(params.n) if continue_from is None else [s.index for s in continue_from]
         children = [
             Request(
                 request_id if params.n == 1 else f"{request_id}#{index}",
@@ -165,11 +175,20 @@ class Engine:
                 arrival_time=arrival_time,
                 cache_salt=cache_salt,
             )
-            for index in range(params.n)
+            for index in indices
         ]
-        self.structured_output.add_requests(children)
-        self.output_processor.add_request(request_id, text, children)
-        self.scheduler.add_request_group(children)
+        self.output_processor.add_request(request_id, text, children, continue_from)
+        try:
+            self.structured_output.add_requests(children)
+            if continue_from is not None:
+                continue_children(children, continue_from, self.structured_output)
+        except ValueError:
+            self.output_processor.abort(request_id)
+            raise
+        if continue_from is None:
+            self.scheduler.add_request_group(children)
+        for child in children if continue_from is not None else ():
+            self.scheduler.add_request(child)  # each has its own tokens: no prompt forks
 
     def abort_request(self, request_id: str) -> None:
         """Stop a user request (all its samples) and free its KV blocks now."""
@@ -242,41 +261,14 @@ class Engine:
         return tokenize_prompt(self.tokenizer, prompt)
 
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
-        """Check a request against the model and the engine limits; resolve max_tokens.
-
-        A structured-output constraint is compiled against the tokenizer here, so a bad schema,
-        regex or grammar is a ValueError ("structured_output.json: ...") before any work.
-        """
+        """Check a request against the model and the engine limits; resolve max_tokens
+        (engine/validation.py). A structured-output constraint is compiled here, so a bad
+        schema, regex or grammar is a ValueError before any work."""
         if params.structured_output is not None:
             self.structured_output.check(params.structured_output)
-        if not prompt_token_ids:
-            raise ValueError("prompt_token_ids: the prompt must contain at least one token")
-        vocab_size = self.model_config.vocab_size
-        for token_id in prompt_token_ids:
-            if not isinstance(token_id, int) or not 0 <= token_id < vocab_size:
-                raise ValueError(
-                    f"prompt_token_ids: token id {token_id!r} is outside the vocabulary "
-                    f"[0, {vocab_size})"
-                )
-        outside = [t for t in params.logit_bias or {} if t >= vocab_size]
-        if outside:
-            raise ValueError(
-                f"logit_bias: token id {outside[0]} is outside the vocabulary [0, {vocab_size})"
-            )
-        num_prompt = len(prompt_token_ids)
-        if num_prompt >= self.max_model_len:
-            raise ValueError(
-                f"prompt: {num_prompt} tokens leave no room to generate within "
-                f"max_model_len {self.max_model_len}"
-            )
-        if params.max_tokens is None:
-            return params.replace(max_tokens=self.max_model_len - num_prompt)
-        if num_prompt + params.max_tokens > self.max_model_len:
-            raise ValueError(
-                f"max_tokens: prompt ({num_prompt} tokens) + max_tokens ({params.max_tokens}) "
-                f"= {num_prompt + params.max_tokens} exceeds max_model_len {self.max_model_len}"
-            )
-        return params
+        return validate_request(
+            prompt_token_ids, params, self.model_config.vocab_size, self.max_model_len
+        )
 
     def _eos_token_ids(self) -> frozenset[int]:
         ids = set(self.model_config.eos_token_ids)

@@ -12,8 +12,10 @@ Each child delivers its positions in order from 0, so the list only ever grows a
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from kvserve.engine.continuation import ContinuedSample
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.scheduler_output import ModelRunnerOutput, PromptLogprobRows, TokenLogprobs
 from kvserve.outputs import (
@@ -58,15 +60,31 @@ class OutputProcessor:
         self._parents: dict[str, _ParentState] = {}
         self._parent_of: dict[str, str] = {}
 
-    def add_request(self, request_id: str, prompt: str | None, children: list[Request]) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | None,
+        children: list[Request],
+        continued: Sequence[ContinuedSample] | None = None,
+    ) -> None:
+        """Track a user request's samples; `continued` (one per child) carries the output
+        each already has (engine/continuation.py): its text and logprobs start from it.
+
+        Raises:
+            ValueError: a continued sample's text already holds a stop string (nothing kept).
+        """
         states: dict[str, _ChildState] = {}
         for index, child in enumerate(children):
             params = child.sampling_params
-            states[child.request_id] = _ChildState(
+            state = _ChildState(
                 index=index,
                 detokenizer=IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params),
                 logprobs=[] if params.logprobs is not None else None,
             )
+            if continued is not None:
+                _continue(state, continued[index])
+            states[child.request_id] = state
+        for child in children:
             self._parent_of[child.request_id] = request_id
         self._parents[request_id] = _ParentState(
             request_id=request_id,
@@ -207,3 +225,16 @@ class OutputProcessor:
         if self.tokenizer is None:
             return None
         return str(self.tokenizer.decode([token_id]))  # type: ignore[attr-defined]
+
+
+def _continue(state: _ChildState, sample: ContinuedSample) -> None:
+    """Start a child's output from a continued sample's tokens, text and logprobs."""
+    state.index = sample.index
+    if state.detokenizer.update(sample.token_ids) is not None:
+        raise ValueError(
+            f"continue_from: sample {sample.index}'s tokens already hold a stop string; "
+            "it cannot be continued"
+        )
+    if state.logprobs is not None and sample.logprobs is not None:
+        state.logprobs.extend(sample.logprobs)
+        state.cumulative_logprob = sample.cumulative_logprob

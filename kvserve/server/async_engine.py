@@ -22,14 +22,22 @@ import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
-from typing import Any, NamedTuple
+from typing import Any
 
+from kvserve.engine.continuation import ContinuedSample
 from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import PromptInput, TokenizedPrompt
 from kvserve.engine.slo import SLO, EngineLoad, StepRates
 from kvserve.kv.kv_events import KVEvent
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.engine_commands import (
+    AbortRequest,
+    AddRequest,
+    CallEngine,
+    Command,
+    LoadReport,
+)
 from kvserve.server.slo_gate import SLOGate
 
 logger = logging.getLogger("kvserve")
@@ -37,32 +45,6 @@ logger = logging.getLogger("kvserve")
 
 class EngineDeadError(RuntimeError):
     """A model step failed; the request cannot finish (the server answers 500)."""
-
-
-class AddRequest(NamedTuple):
-    """Queue a tokenized, validated prompt under `request_id` (`seq`: its SLO gate number)."""
-
-    request_id: str
-    prompt: TokenizedPrompt
-    params: SamplingParams
-    seq: int = 0
-
-
-class AbortRequest(NamedTuple):
-    """Drop `request_id` (waiting or running) and free its KV blocks."""
-
-    request_id: str
-
-
-Command = AddRequest | AbortRequest
-
-
-class LoadReport(NamedTuple):
-    """The engine's load and measured rates, with every request up to `applied_seq` queued."""
-
-    applied_seq: int
-    load: EngineLoad
-    rates: StepRates
 
 
 # What a request's queue receives: its outputs, or the error that ends it.
@@ -167,12 +149,14 @@ class AsyncEngine:
         prompt: PromptInput | TokenizedPrompt,
         params: SamplingParams,
         seq: int = 0,
+        continue_from: list[ContinuedSample] | None = None,
     ) -> AsyncGenerator[RequestOutput, None]:
         """Queue a request and yield its cumulative output after every step that advanced it.
 
         `seq` is the request's number in an SLO gate outside (`kvserve cluster`'s, which reads
         `load_report` to know which of its admissions the engine has queued); this engine's
-        own gate, when it has one, numbers the request itself.
+        own gate, when it has one, numbers the request itself. `continue_from`: the samples'
+        output so far, made by another engine (`Engine.add_request`).
 
         Raises:
             ValueError: the prompt or parameters are invalid (nothing was queued).
@@ -184,7 +168,7 @@ class AsyncEngine:
             seq = self.slo_gate.admit(len(tokenized.prompt_token_ids), params.n)
         queue: asyncio.Queue[Delivery] = asyncio.Queue()
         self._queues[request_id] = (asyncio.get_running_loop(), queue)
-        self._submit(AddRequest(request_id, tokenized, params, seq))
+        self._submit(AddRequest(request_id, tokenized, params, seq, continue_from))
         finished = False
         try:
             while not finished:
@@ -199,6 +183,14 @@ class AsyncEngine:
             self._queues.pop(request_id, None)
             if not finished:
                 self._submit(AbortRequest(request_id))
+
+    async def call_on_engine(self, fn: Callable[[Engine], Any]) -> Any:
+        """`fn(engine)` run on the engine thread between two steps (what touches the engine's
+        state from outside: KV handed between engines, say); raises what `fn` raised."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._submit(CallEngine(fn, loop, future))
+        return await future
 
     def shutdown(self) -> None:
         """Stop the loop thread after the current step, then close the engine (its KV
@@ -236,15 +228,38 @@ class AsyncEngine:
             return
         while self._commands:
             match self._commands.popleft():
-                case AddRequest(request_id, prompt, params, seq):
+                case AddRequest(request_id, prompt, params, seq, continue_from):
                     self._applied_seq = max(self._applied_seq, seq)
                     try:
-                        self.engine.add_request(request_id, prompt, params)
+                        self.engine.add_request(
+                            request_id, prompt, params, continue_from=continue_from
+                        )
                     except ValueError as error:  # e.g. a request id already in use
                         self._deliver(request_id, error)
+                case CallEngine(fn, loop, future):
+                    self._call(fn, loop, future)
                 case AbortRequest(request_id):
                     self.engine.abort_request(request_id)
         self._publish_load()
+
+    def _call(
+        self, fn: Callable[[Engine], Any], loop: asyncio.AbstractEventLoop, future: Any
+    ) -> None:
+        """Run a CallEngine; the caller may have gone (its future cancelled) meanwhile."""
+        try:
+            result, error = fn(self.engine), None
+        except Exception as raised:
+            result, error = None, raised
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        loop.call_soon_threadsafe(settle)
 
     def _publish_load(self) -> None:
         """Publish the engine's load and rates as they stand now (`load_report`, the SLO

@@ -7,7 +7,7 @@ from kvserve.cluster.routing import Choice, ReplicaState
 from kvserve.engine.slo import SLO, EngineLoad, StepRates
 from kvserve.kv.block_hash import BlockHashParams
 from kvserve.kv.kv_events import BlockStored
-from kvserve.server.async_engine import LoadReport
+from kvserve.server.engine_commands import LoadReport
 from kvserve.server.slo_gate import SLOMiss
 
 PARAMS = BlockHashParams(16, "fp", "float32")

@@ -199,6 +199,7 @@ def _measure(
         "model": model,
         "metrics": metrics,
         "server_prefix_cache": _prefix_cache_counters(server_metrics),
+        "server_kv_transfer": _counters(server_metrics, _TRANSFER_COUNTERS),
         "results_raw": results,
         "ttfts_ms": [r.ttft_s * 1e3 for r in results if r.ok],
         "itls_ms": {
@@ -210,9 +211,20 @@ def _measure(
 
 def _prefix_cache_counters(text: str) -> dict[str, float]:
     """kvserve:prefix_cache_queries/hits totals from the Prometheus text."""
+    return _counters(text, ("prefix_cache_queries", "prefix_cache_hits"))
+
+
+# `kvserve cluster` with prefill/decode disaggregation: what the handoffs moved (cluster/)
+_TRANSFER_COUNTERS = tuple(
+    f"kv_transfer_{name}" for name in ("requests", "blocks", "bytes", "seconds")
+)
+
+
+def _counters(text: str, names: tuple[str, ...]) -> dict[str, float]:
+    """The `kvserve:<name>_total` counters of the Prometheus text that are there."""
     counters = {}
     for line in text.splitlines():
-        for name in ("prefix_cache_queries", "prefix_cache_hits"):
+        for name in names:
             if line.startswith(f"kvserve:{name}_total"):
                 counters[name] = float(line.rsplit(" ", 1)[1])
     return counters

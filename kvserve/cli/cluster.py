@@ -88,7 +88,14 @@ def run(args: argparse.Namespace) -> int:
         # of `kvserve serve`, docs/benchmarks.md). The raylet reads this as it starts.
         os.environ.setdefault("RAY_worker_niceness", "0")
         local_cpus = max(os.cpu_count() or 1, int(-(-cpus * num_replicas // 1)))
-        ray.init(num_cpus=local_cpus, include_dashboard=False, logging_level=logging.WARNING)
+        # "local": a private Ray even where `ray start` left one running (without an
+        # address, ray.init would join that one).
+        ray.init(
+            address="local",
+            num_cpus=local_cpus,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+        )
     else:
         ray.init(address=args.ray_address, logging_level=logging.WARNING)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -45,7 +44,6 @@ class ReplicaInfo(NamedTuple):
     max_model_len: int
     max_num_seqs: int
     incarnation: str
-    pid: int
 
 
 class ReplicaReport(NamedTuple):
@@ -88,7 +86,6 @@ class EngineReplica:
             max_model_len=engine.max_model_len,
             max_num_seqs=engine.config.max_num_seqs,
             incarnation=self.incarnation,
-            pid=os.getpid(),
         )
 
     async def generate(

@@ -3,15 +3,16 @@ OpenAI server already serves (`AsyncEngine`'s), so the API, streaming and limits
 
     HTTP request -> Serving -> ClusterEngine.generate:
         tokenize here (the router needs token ids) -> block hashes -> Router.choose
-        -> replica.generate (a Ray streaming call) -> outputs yielded as they arrive
+        -> replica.submit; its outputs come with every other request's on that replica, one
+           Ray call a step (channel.py), and are yielded as they arrive
     a poller thread (poller.py): every 20 ms, each replica's KV events and metrics
         -> the router's per-replica prefix index; /metrics sums the replicas
 
 Faults: a replica that dies is restarted by Ray (`max_restarts`). Its requests that had
 streamed nothing are retried on another replica; the others end with EngineDeadError (a 500
 or an error event naming the replica). The router skips it until a poll answers again (a new
-incarnation: its index is cleared). A consumer that goes away cancels the Ray call, which
-aborts the request on the replica and frees its blocks.
+incarnation: its index is cleared). A consumer that goes away aborts the request on the
+replica, which frees its blocks.
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from typing import Any
 
 import ray
 from prometheus_client.registry import Collector
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from kvserve.cluster import handoff
 from kvserve.cluster.admission import ClusterAdmission
+from kvserve.cluster.channel import ReplicaChannel, ReplicaLost
 from kvserve.cluster.metrics import RetiredCounters, RoutingCollector, sum_metrics
 from kvserve.cluster.poller import ReplicaPoller
 from kvserve.cluster.replica import EngineReplica, ReplicaInfo, ReplicaReport
@@ -77,6 +79,7 @@ class ClusterEngine:
         self._retired = RetiredCounters()
         self._lock = threading.Lock()  # the poller's updates vs the event loop's reads
         self._poller = ReplicaPoller(handles, self._absorb, self._mark_down)
+        self.channels = [ReplicaChannel(h, i, self._mark_down) for i, h in enumerate(handles)]
 
     @classmethod
     def start(
@@ -178,12 +181,12 @@ class ClusterEngine:
             handle = self.handles[index]
             streamed = False
             try:
-                call = partial(handle.generate.remote, request_id, tokenized, params, seq)
-                async for output in self.stream(index, params.n, call):
+                submit = partial(handle.submit.remote, request_id, tokenized, params, seq)
+                async for output in self.stream(index, request_id, params.n, submit):
                     streamed = True
                     yield output
                 return
-            except RayActorError as error:
+            except ReplicaLost as error:
                 if streamed:
                     raise EngineDeadError(
                         f"engine replica {index} died while running the request"
@@ -191,28 +194,26 @@ class ClusterEngine:
         raise EngineDeadError("every engine replica tried died before answering")
 
     async def stream(
-        self, index: int, num_seqs: int, call: Callable[[], Any]
+        self, index: int, request_id: str, num_seqs: int, submit: Callable[[], Any]
     ) -> AsyncGenerator[Any, None]:
-        """The items of a streaming call to replica `index`, counted in flight; what the
-        replica raised is raised as it was; a consumer that leaves cancels the call."""
+        """What request `request_id` brings from replica `index` after `submit()` (a call
+        of the replica's `submit`), counted in flight there; a consumer that leaves aborts
+        it on the replica (its KV blocks freed).
+
+        Raises:
+            ReplicaLost: the replica died (Ray restarts it).
+            ValueError, EngineDeadError: what the replica reported.
+        """
         replica = self.replicas[index]
         replica.in_flight += num_seqs
-        stream = call()
-        done = False
         try:
-            async for ref in stream:
-                yield await ref
-            done = True
-        except RayTaskError as error:  # the replica raised: invalid input, or a bug
-            raise _unwrap(error) from None
-        except RayActorError as error:
+            async for item in self.channels[index].stream(request_id, submit):
+                yield item
+        except ReplicaLost:
             replica.up = False
-            logger.warning("engine replica %d died: %s", index, error)
             raise
         finally:
             replica.in_flight -= num_seqs
-            if not done:
-                ray.cancel(stream)  # aborts it on the replica: its KV blocks are freed
 
     def shutdown(self) -> None:
         """Stop polling and the replicas (their engines close, KV saves finish)."""

@@ -30,8 +30,7 @@ from collections.abc import AsyncGenerator
 from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ray.exceptions import RayActorError
-
+from kvserve.cluster.channel import ReplicaLost
 from kvserve.cluster.replica import Handoff
 from kvserve.config import EngineConfig
 from kvserve.engine.continuation import ContinuedSample
@@ -161,15 +160,15 @@ async def disaggregated(
         index, seq = cluster.route(
             hashes, len(tokenized.prompt_token_ids), params.n, cluster.prefill_ids
         )
-        call = partial(
-            cluster.handles[index].generate.remote,
+        submit = partial(
+            cluster.handles[index].submit.remote,
             request_id, tokenized, head_params(params), seq,
         )  # fmt: skip
         try:
-            async for output in cluster.stream(index, params.n, call):
+            async for output in cluster.stream(index, request_id, params.n, submit):
                 first = output  # the last: every sample has its first token
             break
-        except RayActorError:
+        except ReplicaLost:
             continue
     if first is None or index is None:
         raise EngineDeadError("every prefill replica tried died before answering")
@@ -180,13 +179,13 @@ async def disaggregated(
     decode = cluster.least_loaded(cluster.decode_ids)
     start = time.perf_counter()
     export = cluster.handles[index].export_kv.remote(hashes, cluster.transport == "shared-pool")
-    call = partial(
-        cluster.handles[decode].continue_request.remote,
-        request_id, tokenized, params.replace(prompt_logprobs=None), stages.samples, export,
+    submit = partial(
+        cluster.handles[decode].submit.remote,
+        request_id, tokenized, params.replace(prompt_logprobs=None), 0, stages.samples, export,
     )  # fmt: skip
     try:
-        items = cluster.stream(decode, len(stages.samples), call)
+        items = cluster.stream(decode, request_id, len(stages.samples), submit)
         async for output in decode_outputs(items, stages.head, cluster.handoffs, start):
             yield output
-    except RayActorError as error:
+    except ReplicaLost as error:
         raise EngineDeadError(f"decode replica {decode} died mid-request") from error

@@ -3,9 +3,13 @@ creates them and talks to them).
 
     ingress (kvserve cluster)                    replica actor (its own process)
     describe()        -------------------------> tokenizer, block hash params, limits
-    generate(id, tokenized prompt, params) ----> AsyncEngine.generate: outputs streamed back
-    ray.cancel(stream) (client gone) ----------> CancelledError: the request is aborted,
-                                                  its KV blocks freed
+    submit(id, tokenized prompt, params) ------> a task runs AsyncEngine.generate, its
+                                                  outputs go to the outbox
+    take() (one always in flight) -------------> every request's news since the last take,
+                                                  outputs as deltas (wire.py): one message
+                                                  a step for all requests, not one each
+    abort(id) (client gone) -------------------> the task is cancelled: the request is
+                                                  aborted, its KV blocks freed
     poll()            -------------------------> prefix-cache events since the last poll,
                                                   metrics; `incarnation` changes on restart
 
@@ -16,12 +20,13 @@ an empty cache and a new incarnation, which tells the ingress to forget the old 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator
 from typing import Any, NamedTuple
 
+from kvserve.cluster.wire import OutputDelta, Packer
 from kvserve.config import EngineConfig
 from kvserve.engine.continuation import ContinuedSample
 from kvserve.engine.engine import Engine
@@ -31,7 +36,7 @@ from kvserve.kv.kv_events import KVEvent
 from kvserve.kv.tiers.transfer import Entry, export_entries, import_entries
 from kvserve.outputs import EngineMetrics, RequestOutput
 from kvserve.sampling_params import SamplingParams
-from kvserve.server.async_engine import AsyncEngine
+from kvserve.server.async_engine import AsyncEngine, EngineDeadError
 from kvserve.server.engine_commands import LoadReport
 
 
@@ -67,6 +72,59 @@ class Handoff(NamedTuple):
 
 FLUSH_TIMEOUT_S = 10.0  # a slow tier that takes longer: the decode engine recomputes
 
+# What `take` brings of a request: a handoff's account, its output so far (as a delta), or
+# the error that ended it.
+Item = Handoff | OutputDelta | Exception
+
+
+class Outbox:
+    """A replica's news for the ingress, by request, until the next `take`. Outputs are
+    cumulative, so a newer one replaces one not yet taken: a slow ingress gets fewer,
+    larger updates, never a backlog."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, list[Handoff | RequestOutput | Exception]] = {}
+        self._packers: dict[str, Packer] = {}
+        self._ready = asyncio.Event()
+
+    def put(self, request_id: str, item: Handoff | RequestOutput | Exception) -> None:
+        items = self._items.setdefault(request_id, [])
+        if items and isinstance(item, RequestOutput) and isinstance(items[-1], RequestOutput):
+            items[-1] = item
+        else:
+            items.append(item)
+        self._ready.set()
+
+    def forget(self, request_id: str) -> None:
+        self._items.pop(request_id, None)
+        self._packers.pop(request_id, None)
+
+    async def take(self, wait_s: float) -> dict[str, list[Item]]:
+        """Everything put since the last take (outputs packed as deltas), once there is
+        something or after `wait_s`."""
+        if not self._items:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._ready.wait(), wait_s)
+        self._ready.clear()
+        items, self._items = self._items, {}
+        return {request_id: self._pack(request_id, its) for request_id, its in items.items()}
+
+    def _pack(
+        self, request_id: str, items: list[Handoff | RequestOutput | Exception]
+    ) -> list[Item]:
+        packed: list[Item] = []
+        for item in items:
+            if isinstance(item, RequestOutput):
+                packer = self._packers.setdefault(request_id, Packer())
+                packed.append(packer.pack(item))
+                if item.finished:
+                    del self._packers[request_id]
+            else:
+                packed.append(item)
+                if isinstance(item, Exception):
+                    self._packers.pop(request_id, None)
+        return packed
+
 
 class EngineReplica:
     """An engine stepping on its own thread inside a Ray actor (an async actor: `generate`
@@ -76,6 +134,8 @@ class EngineReplica:
         """Build the engine, prefix-cache events on."""
         self.incarnation = uuid.uuid4().hex
         self.engine = AsyncEngine.build(lambda: Engine(config, enable_kv_events=True))
+        self.outbox = Outbox()
+        self.tasks: dict[str, asyncio.Task[None]] = {}  # requests running, to abort
 
     def describe(self) -> ReplicaInfo:
         engine = self.engine.engine
@@ -88,13 +148,65 @@ class EngineReplica:
             incarnation=self.incarnation,
         )
 
-    async def generate(
-        self, request_id: str, prompt: TokenizedPrompt, params: SamplingParams, seq: int = 0
-    ) -> AsyncGenerator[RequestOutput, None]:
-        """The request's cumulative outputs (`seq`: its number in the ingress's SLO gate for
-        this replica); ValueError for invalid input (nothing queued)."""
-        async for output in self.engine.generate(request_id, prompt, params, seq):
-            yield output
+    def submit(
+        self,
+        request_id: str,
+        prompt: TokenizedPrompt,
+        params: SamplingParams,
+        seq: int = 0,
+        samples: list[ContinuedSample] | None = None,
+        entries: list[Entry] | None = None,
+    ) -> str:
+        """Start a request; its outputs come through `take`, and it ends with a finished
+        output or an error there (ValueError for invalid input). `seq`: its number in the
+        ingress's SLO gate for this replica. With `samples`, the decode side of a handoff:
+        `entries` (the prefill's KV) go into this engine's tiers first, a `Handoff` says what
+        that took, then the samples continue (Engine.add_request's `continue_from`).
+        Returns this replica's incarnation (the ingress notices a restart by it)."""
+        run = self._run(request_id, prompt, params, seq, samples, entries)
+        self.tasks[request_id] = asyncio.get_running_loop().create_task(run)
+        return self.incarnation
+
+    def abort(self, request_id: str) -> None:
+        """The ingress's consumer left: abort the request, free its KV blocks."""
+        task = self.tasks.pop(request_id, None)
+        if task is not None:
+            task.cancel()
+        self.outbox.forget(request_id)
+
+    async def take(self, wait_s: float) -> tuple[str, dict[str, list[Item]]]:
+        """(incarnation, the news of each request since the last take), once there is some
+        or after `wait_s` (then possibly none): the ingress keeps one take in flight."""
+        return self.incarnation, await self.outbox.take(wait_s)
+
+    async def _run(
+        self,
+        request_id: str,
+        prompt: TokenizedPrompt,
+        params: SamplingParams,
+        seq: int,
+        samples: list[ContinuedSample] | None,
+        entries: list[Entry] | None,
+    ) -> None:
+        outbox = self.outbox
+        try:
+            if entries is not None:
+                outbox.put(request_id, await self._import(entries))
+            async for output in self.engine.generate(request_id, prompt, params, seq, samples):
+                outbox.put(request_id, output)
+        except ValueError as error:  # invalid input: sent as a plain ValueError (picklable)
+            outbox.put(request_id, ValueError(str(error)))
+        except Exception as error:
+            outbox.put(request_id, EngineDeadError(str(error)))
+        finally:
+            self.tasks.pop(request_id, None)
+
+    async def _import(self, entries: list[Entry]) -> Handoff:
+        """Take a handoff's entries into this engine's tiers."""
+        start = time.perf_counter()
+        taken = await self.engine.call_on_engine(lambda e: import_entries(e.kv_connector, entries))
+        num_bytes = sum(len(value) for _, value in entries)
+        return Handoff(len(entries), taken, num_bytes, time.perf_counter() - start)
 
     async def export_kv(self, block_hashes: list[bytes], flush: bool) -> list[Entry]:
         """The prefill side of a handoff: the stored entries of the prompt's blocks (the
@@ -108,24 +220,6 @@ class EngineReplica:
             lambda e: export_entries(e.kv_connector, block_hashes)
         )
         return entries
-
-    async def continue_request(
-        self,
-        request_id: str,
-        prompt: TokenizedPrompt,
-        params: SamplingParams,
-        samples: list[ContinuedSample],
-        entries: list[Entry],
-        seq: int = 0,
-    ) -> AsyncGenerator[Handoff | RequestOutput, None]:
-        """The decode side: take the handed-over entries into this engine's tiers, say what
-        that took (a `Handoff`, first), then continue the samples (Engine.add_request)."""
-        start = time.perf_counter()
-        taken = await self.engine.call_on_engine(lambda e: import_entries(e.kv_connector, entries))
-        num_bytes = sum(len(value) for _, value in entries)
-        yield Handoff(len(entries), taken, num_bytes, time.perf_counter() - start)
-        async for output in self.engine.generate(request_id, prompt, params, seq, samples):
-            yield output
 
     def poll(self) -> ReplicaReport:
         engine = self.engine

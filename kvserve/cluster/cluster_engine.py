@@ -5,7 +5,7 @@ OpenAI server already serves (`AsyncEngine`'s), so the API, streaming and limits
         tokenize here (the router needs token ids) -> block hashes -> Router.choose
         -> replica.submit; its outputs come with every other request's on that replica, one
            Ray call a step (channel.py), and are yielded as they arrive
-    a poller thread (poller.py): every 20 ms, each replica's KV events and metrics
+    a poller thread (poller.py): each replica's KV events (as they come), metrics, load
         -> the router's per-replica prefix index; /metrics sums the replicas
 
 Faults: a replica that dies is restarted by Ray (`max_restarts`). Its requests that had
@@ -70,7 +70,7 @@ class ClusterEngine:
         self.admission = None
         if slo is not None and any(value is not None for value in slo):
             block_size = infos[0].block_hash_params.block_size
-            self.admission = ClusterAdmission(slo, len(handles), block_size)
+            self.admission = ClusterAdmission(slo, len(handles), block_size, self.decode_ids)
         self.replicas = [ReplicaState() for _ in handles]
         self.incarnations = [info.incarnation for info in infos]
         self.info = infos[0]
@@ -249,11 +249,24 @@ class ClusterEngine:
         self.routed[index, reason] = self.routed.get((index, reason), 0) + 1
         return index, seq
 
-    def least_loaded(self, among: list[int]) -> int:
-        try:
-            return self.router.least_loaded(self.replicas, among)
-        except NoReplicaUp as error:
-            raise EngineDeadError(str(error)) from None
+    def reserve_decode(self, num_seqs: int) -> tuple[int, int]:
+        """(decode replica, SLO gate number) for a disaggregated request: with SLO
+        admission, a seat on the least loaded decode replica predicted to meet the TPOT
+        (SLOMiss if none); without, the least loaded (gate number 0)."""
+        up = sorted(
+            (i for i in self.decode_ids if self.replicas[i].up),
+            key=lambda i: self.replicas[i].in_flight,
+        )
+        if not up:
+            raise Rejected(503, "no decode replica is up", "overloaded", {"Retry-After": "1"})
+        if self.admission is None:
+            return up[0], 0
+        return self.admission.admit_decode(up, num_seqs)
+
+    def release(self, index: int, seq: int) -> None:
+        """An SLO admission (seq > 0) to replica `index` that will not be sent there."""
+        if self.admission is not None and seq > 0:
+            self.admission.release(index, seq)
 
     def _mark_down(self, index: int) -> None:
         self.replicas[index].up = False  # Ray restarts it; polls go on

@@ -154,9 +154,49 @@ async def disaggregated(
     params: SamplingParams,
 ) -> AsyncGenerator[RequestOutput, None]:
     """Prefill (to the first token) on a prefill replica, then continue on a decode
-    replica with the KV handed over (the module docstring)."""
-    first = index = None
-    for _ in range(len(cluster.prefill_ids)):  # nothing streamed yet: retry elsewhere
+    replica with the KV handed over (the module docstring). With SLO admission the decode
+    seat is reserved first (cluster/admission.py): a miss at either stage is a 429 before
+    any prefill."""
+    assert params.max_tokens is not None
+    needs_seat = cluster.admission is not None and params.max_tokens > 1
+    reservation = cluster.reserve_decode(params.n) if needs_seat else None
+    handed_over = False
+    try:
+        first, index = await _prefill(cluster, request_id, tokenized, hashes, params)
+        stages = plan(first, params)
+        yield stages.head
+        if stages.samples is None:
+            return
+        decode, seq = reservation or cluster.reserve_decode(len(stages.samples))
+        start = time.perf_counter()
+        export = cluster.handles[index].export_kv.remote(hashes, cluster.transport == "shared-pool")
+        submit = partial(
+            cluster.handles[decode].submit.remote,
+            request_id, tokenized, params.replace(prompt_logprobs=None), seq, stages.samples,
+            export,
+        )  # fmt: skip
+        handed_over = True
+        try:
+            items = cluster.stream(decode, request_id, len(stages.samples), submit)
+            async for output in decode_outputs(items, stages.head, cluster.handoffs, start):
+                yield output
+        except ReplicaLost as error:
+            raise EngineDeadError(f"decode replica {decode} died mid-request") from error
+    finally:
+        if reservation is not None and not handed_over:
+            cluster.release(*reservation)
+
+
+async def _prefill(
+    cluster: ClusterEngine,
+    request_id: str,
+    tokenized: TokenizedPrompt,
+    hashes: list[bytes],
+    params: SamplingParams,
+) -> tuple[RequestOutput, int]:
+    """(the output with every sample's first token, the prefill replica that made it),
+    from the first prefill replica that does not die first."""
+    for _ in range(len(cluster.prefill_ids)):
         index, seq = cluster.route(
             hashes, len(tokenized.prompt_token_ids), params.n, cluster.prefill_ids
         )
@@ -164,28 +204,12 @@ async def disaggregated(
             cluster.handles[index].submit.remote,
             request_id, tokenized, head_params(params), seq,
         )  # fmt: skip
+        first = None
         try:
             async for output in cluster.stream(index, request_id, params.n, submit):
                 first = output  # the last: every sample has its first token
-            break
         except ReplicaLost:
             continue
-    if first is None or index is None:
-        raise EngineDeadError("every prefill replica tried died before answering")
-    stages = plan(first, params)
-    yield stages.head
-    if stages.samples is None:
-        return
-    decode = cluster.least_loaded(cluster.decode_ids)
-    start = time.perf_counter()
-    export = cluster.handles[index].export_kv.remote(hashes, cluster.transport == "shared-pool")
-    submit = partial(
-        cluster.handles[decode].submit.remote,
-        request_id, tokenized, params.replace(prompt_logprobs=None), 0, stages.samples, export,
-    )  # fmt: skip
-    try:
-        items = cluster.stream(decode, request_id, len(stages.samples), submit)
-        async for output in decode_outputs(items, stages.head, cluster.handoffs, start):
-            yield output
-    except ReplicaLost as error:
-        raise EngineDeadError(f"decode replica {decode} died mid-request") from error
+        assert first is not None
+        return first, index
+    raise EngineDeadError("every prefill replica tried died before answering")

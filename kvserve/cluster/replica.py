@@ -135,6 +135,7 @@ class EngineReplica:
         self.incarnation = uuid.uuid4().hex
         self.engine = AsyncEngine.build(lambda: Engine(config, enable_kv_events=True))
         self.outbox = Outbox()
+        self._events_ready = asyncio.Event()  # set (from the engine thread) by new KV events
         self.tasks: dict[str, asyncio.Task[None]] = {}  # requests running, to abort
 
     def describe(self) -> ReplicaInfo:
@@ -221,11 +222,28 @@ class EngineReplica:
         )
         return entries
 
-    def poll(self) -> ReplicaReport:
+    async def poll(self, wait_s: float = 0.0) -> ReplicaReport:
+        """Prefix-cache events since the last poll, metrics and load: at once when there
+        are events, else when the engine records some or after `wait_s` (a long poll: an
+        idle replica costs the ingress a call every `wait_s`, a busy one a call a step)."""
+        if self.engine.on_kv_events is None:  # the first poll: on the actor's event loop
+            loop = asyncio.get_running_loop()
+
+            def wake() -> None:
+                loop.call_soon_threadsafe(self._events_ready.set)
+
+            self.engine.on_kv_events = wake
+        if wait_s > 0:
+            self._events_ready.clear()
+            events = self.engine.take_kv_events()
+            if not events:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._events_ready.wait(), wait_s)
+                events = self.engine.take_kv_events()
+        else:
+            events = self.engine.take_kv_events()
         engine = self.engine
-        return ReplicaReport(
-            self.incarnation, engine.take_kv_events(), engine.get_metrics(), engine.load_report
-        )
+        return ReplicaReport(self.incarnation, events, engine.get_metrics(), engine.load_report)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

@@ -83,6 +83,9 @@ class AsyncEngine:
         self.load_report = LoadReport(0, EngineLoad(0, 0), StepRates())
         self._commands: deque[Command] = deque()
         self._kv_events: deque[KVEvent] = deque()  # the engine's, until take_kv_events
+        # Called on the engine thread when a step adds KV events (kvserve cluster's replica
+        # wakes its long poll with it).
+        self.on_kv_events: Callable[[], None] | None = None
         self._wake = threading.Event()
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
         self._stopping = False
@@ -264,7 +267,11 @@ class AsyncEngine:
     def _publish_load(self) -> None:
         """Publish the engine's load and rates as they stand now (`load_report`, the SLO
         gate), and the events of the prefix cache to `take_kv_events`."""
-        self._kv_events.extend(self.engine.take_kv_events())
+        events = self.engine.take_kv_events()
+        if events:
+            self._kv_events.extend(events)
+            if self.on_kv_events is not None:
+                self.on_kv_events()
         report = LoadReport(
             self._applied_seq, self.engine.get_load(), copy.copy(self.engine.step_rates)
         )

@@ -72,3 +72,8 @@ class SLOGate:
         self._next_seq += 1
         self._pending.append((seq, num_prompt_tokens, num_seqs))
         return seq
+
+    def release(self, seq: int) -> None:
+        """Forget admission `seq`, which will not reach the engine after all (a reservation
+        `kvserve cluster` made for a request that ended or was refused elsewhere)."""
+        self._pending = deque(p for p in self._pending if p[0] != seq)

@@ -36,7 +36,10 @@ def pd_cluster(model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = tmp_path_factory.mktemp("pd") / "cluster.log"
     args = ["--model", str(model), "--served-model-name", NAME, "--max-model-len", "128",
             "--num-kv-blocks", "64", "--prefill-replicas", "1", "--decode-replicas", "1",
-            "--replica-cpus", "1", "--kv-restore", "always"]  # fmt: skip
+            "--replica-cpus", "1", "--kv-restore", "always",
+            "--slo-ttft-ms", "86400000", "--slo-tpot-ms", "86400000"]  # fmt: skip
+    # objectives of a day: every request meets them, through the reservation of its decode
+    # seat (cluster/admission.py), released where the request ends on the prefill engine
     with ServerProcess(args, log, start_timeout_s=300, command="cluster") as server:
         yield server.base_url
 

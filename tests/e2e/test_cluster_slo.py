@@ -55,3 +55,33 @@ def test_requests_predicted_to_miss_on_every_replica_get_429_before_any_prefill(
     assert prompt_tokens(base) == before  # no replica was sent any of it
     text = httpx.get(f"{base}/metrics", timeout=30).text
     assert 'kvserve:slo_rejections_total{model_name="tiny",objective="ttft"}' in text
+
+
+@pytest.fixture(scope="module")
+def strict_pd_cluster(
+    make_tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("cluster_pd_slo")
+    model = make_tiny_checkpoint("llama", root)
+    args = ["--model", str(model), "--served-model-name", "tiny", "--max-model-len", "128",
+            "--num-kv-blocks", "64", "--prefill-replicas", "1", "--decode-replicas", "1",
+            "--replica-cpus", "1", "--slo-tpot-ms", "0.000001"]  # fmt: skip
+    with ServerProcess(args, root / "cluster.log", 300, command="cluster") as server:
+        yield server.base_url
+
+
+def test_disaggregated_requests_are_refused_when_no_decode_engine_would_meet_the_tpot(
+    strict_pd_cluster: str,
+) -> None:
+    """The decode seat is reserved before the prefill: once the decode engine has measured
+    its step time, nothing meets a TPOT of a nanosecond, and nothing is prefilled."""
+    base = strict_pd_cluster
+    url = f"{base}/v1/completions"
+    body = {**BODY, "max_tokens": 8}
+    wait_for(lambda: httpx.post(url, json=body, timeout=60).status_code == 429, "a 429", 60)
+    before = prompt_tokens(base)
+    error = assert_openai_error(httpx.post(url, json=body, timeout=60), 429)
+    assert "per output token" in error["message"]
+    assert prompt_tokens(base) == before
+    one_token = {**BODY, "max_tokens": 1}  # ends on the prefill engine: needs no seat
+    assert httpx.post(url, json=one_token, timeout=60).status_code == 200

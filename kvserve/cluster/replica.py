@@ -205,7 +205,8 @@ class EngineReplica:
     async def _import(self, entries: list[Entry]) -> Handoff:
         """Take a handoff's entries into this engine's tiers."""
         start = time.perf_counter()
-        taken = await self.engine.call_on_engine(lambda e: import_entries(e.kv_connector, entries))
+        connector = self.engine.engine.kv_connector
+        taken = await asyncio.to_thread(import_entries, connector, entries)  # as export_kv
         num_bytes = sum(len(value) for _, value in entries)
         return Handoff(len(entries), taken, num_bytes, time.perf_counter() - start)
 
@@ -217,10 +218,10 @@ class EngineReplica:
         if flush:
             await asyncio.to_thread(engine.engine.flush_kv_saves, FLUSH_TIMEOUT_S)
             return []
-        entries: list[Entry] = await engine.call_on_engine(
-            lambda e: export_entries(e.kv_connector, block_hashes)
-        )
-        return entries
+        # The tiers' stores are thread-safe (the background writer shares them), and the
+        # step that computed the prompt stored its blocks before its output left: read them
+        # on a thread of our own, without waiting for the engine to finish its current step.
+        return await asyncio.to_thread(export_entries, engine.engine.kv_connector, block_hashes)
 
     async def poll(self, wait_s: float = 0.0) -> ReplicaReport:
         """Prefix-cache events since the last poll, metrics and load: at once when there

@@ -34,7 +34,6 @@ from kvserve.sampling_params import SamplingParams
 from kvserve.server.engine_commands import (
     AbortRequest,
     AddRequest,
-    CallEngine,
     Command,
     LoadReport,
 )
@@ -187,14 +186,6 @@ class AsyncEngine:
             if not finished:
                 self._submit(AbortRequest(request_id))
 
-    async def call_on_engine(self, fn: Callable[[Engine], Any]) -> Any:
-        """`fn(engine)` run on the engine thread between two steps (what touches the engine's
-        state from outside: KV handed between engines, say); raises what `fn` raised."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._submit(CallEngine(fn, loop, future))
-        return await future
-
     def shutdown(self) -> None:
         """Stop the loop thread after the current step, then close the engine (its KV
         saves finish); a loop still stepping after 60 s leaves the engine open."""
@@ -239,30 +230,9 @@ class AsyncEngine:
                         )
                     except ValueError as error:  # e.g. a request id already in use
                         self._deliver(request_id, error)
-                case CallEngine(fn, loop, future):
-                    self._call(fn, loop, future)
                 case AbortRequest(request_id):
                     self.engine.abort_request(request_id)
         self._publish_load()
-
-    def _call(
-        self, fn: Callable[[Engine], Any], loop: asyncio.AbstractEventLoop, future: Any
-    ) -> None:
-        """Run a CallEngine; the caller may have gone (its future cancelled) meanwhile."""
-        try:
-            result, error = fn(self.engine), None
-        except Exception as raised:
-            result, error = None, raised
-
-        def settle() -> None:
-            if future.done():
-                return
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
-
-        loop.call_soon_threadsafe(settle)
 
     def _publish_load(self) -> None:
         """Publish the engine's load and rates as they stand now (`load_report`, the SLO

@@ -4,12 +4,9 @@ everything else goes through these commands, applied between two steps."""
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 from kvserve.engine.continuation import ContinuedSample
-from kvserve.engine.engine import Engine
 from kvserve.engine.prompts import TokenizedPrompt
 from kvserve.engine.slo import EngineLoad, StepRates
 from kvserve.sampling_params import SamplingParams
@@ -31,15 +28,7 @@ class AbortRequest(NamedTuple):
     request_id: str
 
 
-class CallEngine(NamedTuple):
-    """Run `fn(engine)` on the engine thread between steps; its result goes to `future`."""
-
-    fn: Callable[[Engine], Any]
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-
-
-Command = AddRequest | AbortRequest | CallEngine
+Command = AddRequest | AbortRequest
 
 
 class LoadReport(NamedTuple):

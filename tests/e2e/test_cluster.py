@@ -7,6 +7,7 @@ import json
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +155,36 @@ def test_a_killed_replica_is_restarted_and_the_cluster_keeps_answering(
     assert len(replica_pids(cluster.process.pid)) == 2
     after = api.completions.create(model=NAME, prompt=prompt, max_tokens=8, temperature=0)
     assert after.choices[0].text == before.choices[0].text
+
+
+def test_a_request_whose_replica_dies_before_answering_is_retried_on_another(
+    cluster: ServerProcess,
+) -> None:
+    """A request routed (by its prefix) to a replica that is frozen, then killed, before it
+    answered: the client still gets the whole answer, from the other replica."""
+    base, api = cluster.base_url, client(cluster.base_url)
+    assert cluster.process is not None
+    wait_for(lambda: httpx.get(f"{base}/health").json()["replicas_up"] == 2, "both up", 240)
+    prompt = [61, 62, 63, 64, 65, 66, 67, 68] * 5  # 2 full blocks: routed to their holder
+    expected = api.completions.create(model=NAME, prompt=prompt, max_tokens=6, temperature=0)
+    wait_for(lambda: sum(indexed_blocks(base)) >= 2, "the replicas' block index")
+    with ThreadPoolExecutor(1) as pool:
+        for pid in replica_pids(cluster.process.pid):  # freeze one; the holder if it hangs
+            os.kill(pid, signal.SIGSTOP)
+            reply = pool.submit(
+                api.completions.create, model=NAME, prompt=prompt, max_tokens=6, temperature=0
+            )
+            try:
+                done = reply.result(timeout=20)  # not the holder: answered at once
+            except TimeoutError:
+                break
+            assert done.choices[0].text == expected.choices[0].text
+            os.kill(pid, signal.SIGCONT)
+        else:
+            raise AssertionError("no replica held the prompt's blocks")
+        os.kill(pid, signal.SIGKILL)  # the frozen holder dies with the request unanswered
+        assert reply.result(timeout=120).choices[0].text == expected.choices[0].text
+    wait_for(lambda: httpx.get(f"{base}/health").json()["replicas_up"] == 2, "restarts", 240)
 
 
 def replica_pids(server_pid: int) -> list[int]:

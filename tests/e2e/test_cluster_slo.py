@@ -9,6 +9,7 @@ tests/e2e/test_cluster.py runs with objectives of a day, which every request mee
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,16 +21,21 @@ from tests.server_helpers import assert_openai_error, wait_for
 BODY = {"model": "tiny", "prompt": [5, 6, 7, 8] * 10, "max_tokens": 4}
 
 
+def start_cluster(make_checkpoint: Any, root: Path, cluster_args: list[str]) -> ServerProcess:
+    """A `kvserve cluster` of a tiny llama with `cluster_args` (replicas, objectives)."""
+    model = make_checkpoint("llama", root)
+    args = ["--model", str(model), "--served-model-name", "tiny", "--max-model-len", "128",
+            "--num-kv-blocks", "64", "--replica-cpus", "1", *cluster_args]  # fmt: skip
+    return ServerProcess(args, root / "cluster.log", 300, command="cluster")
+
+
 @pytest.fixture(scope="module")
 def strict_cluster(
     make_tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("cluster_slo")
-    model = make_tiny_checkpoint("llama", root)
-    args = ["--model", str(model), "--served-model-name", "tiny", "--max-model-len", "128",
-            "--num-kv-blocks", "64", "--replicas", "2", "--replica-cpus", "1",
-            "--slo-ttft-ms", "0.000001"]  # fmt: skip
-    with ServerProcess(args, root / "cluster.log", 300, command="cluster") as server:
+    args = ["--replicas", "2", "--slo-ttft-ms", "0.000001"]
+    with start_cluster(make_tiny_checkpoint, root, args) as server:
         yield server.base_url
 
 
@@ -62,11 +68,8 @@ def strict_pd_cluster(
     make_tiny_checkpoint: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     root = tmp_path_factory.mktemp("cluster_pd_slo")
-    model = make_tiny_checkpoint("llama", root)
-    args = ["--model", str(model), "--served-model-name", "tiny", "--max-model-len", "128",
-            "--num-kv-blocks", "64", "--prefill-replicas", "1", "--decode-replicas", "1",
-            "--replica-cpus", "1", "--slo-tpot-ms", "0.000001"]  # fmt: skip
-    with ServerProcess(args, root / "cluster.log", 300, command="cluster") as server:
+    args = ["--prefill-replicas", "1", "--decode-replicas", "1", "--slo-tpot-ms", "0.000001"]
+    with start_cluster(make_tiny_checkpoint, root, args) as server:
         yield server.base_url
 
 

@@ -98,6 +98,7 @@ def test_cached_tokens_are_split_by_pool_cpu_and_disk(llama: str, tmp_path: Path
     want = run_one_by_one(plain, prompts)
 
     got = run_engine(engine, prompts[:1], PARAMS)  # h0..h3 into the pool, cpu and disk
+    assert connector_of(engine).flush(timeout=60)  # disk writes go through a background writer
     for block_hash in hashes[2:]:
         cpu.remove(block_hash)  # now only disk holds h2 h3
     assert engine.kv_cache_manager.reset_prefix_cache()

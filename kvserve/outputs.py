@@ -97,6 +97,11 @@ class TierMetrics:
     load_seconds_sum: float
     load_seconds_count: int
     load_seconds_buckets: tuple[tuple[float, int], ...]  # (bound, loads <= bound), ascending
+    # what the tier holds now and its byte budget (zeros: a store that keeps no count, Redis,
+    # bounded by its own maxmemory)
+    blocks_held: int = 0
+    bytes_held: int = 0
+    capacity_bytes: int = 0
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from kvserve.kv.block_tables import check_block_tables
 from kvserve.kv.copy_on_write import CopyOnWrite
 from kvserve.kv.eviction import NextUse
 from kvserve.kv.kv_events import KVEvent
-from kvserve.kv.kv_transfer import BlockTransfer, ExternalBlocks
+from kvserve.kv.kv_transfer import BlockTransfer, ExternalBlocks, blocks_to_swap_out
 from kvserve.kv.prefix_cache import ComputedBlocks, PrefixCache, PrefixCacheStats
 from kvserve.kv.sliding_window import Dropped, SlidingWindow
 from kvserve.request import Request
@@ -122,6 +122,10 @@ class KVCacheManager:
     def get_block_ids(self, request_id: str) -> list[int]:
         """The request's block table as ids ([] for an unknown request or cache_mode "none")."""
         return [block.block_id for block in self._tables.get(request_id, ())]
+
+    def block_tables(self) -> dict[str, list[int]]:
+        """Every request's block table as ids, null entries included (a copy)."""
+        return {rid: [block.block_id for block in t] for rid, t in self._tables.items()}
 
     def get_computed_blocks(self, request: Request) -> tuple[ComputedBlocks, int]:
         """The longest cached prefix of a request not yet allocated. No side effects on blocks.
@@ -230,24 +234,12 @@ class KVCacheManager:
         return self.pool.take_events()
 
     def get_blocks_to_swap_out(self, request: Request) -> list[BlockTransfer]:
-        """The request's computed full blocks the connector does not hold yet. No side effects.
-
-        Swap preemption saves these before freeing them; the partial last block is left out
-        (it has no hash: it is recomputed on resume). The connector's leading run is skipped:
-
-            table     [ b0 b1 b2 b3 | b4 (partial) ]    num_computed_tokens // block_size = 4
-            held         b0 b1                          -> save (b2, h2), (b3, h3)
-
-        Returns [] without a connector or with a sliding window (whose dropped blocks are
-        null, and whose hits never reach the connector).
-        """
+        """The request's computed full blocks the connector does not hold yet (see
+        `kv_transfer.blocks_to_swap_out`). No side effects."""
+        if self.connector is None or self.window.window is not None:
+            return []  # a window's dropped blocks are null, and its hits never reach a tier
         table = self._tables.get(request.request_id, [])
-        hashes = request.block_hashes
-        num_full = min(len(table), len(hashes), request.num_computed_tokens // self.block_size)
-        if self.connector is None or self.window.window is not None or num_full == 0:
-            return []
-        num_held = self.connector.num_held_blocks(hashes[:num_full])
-        return [BlockTransfer(table[i].block_id, hashes[i]) for i in range(num_held, num_full)]
+        return blocks_to_swap_out(table, request, self.block_size, self.connector)
 
     def free(self, request: Request) -> None:
         """Release all the request's blocks and forget it; a no-op for an unknown request.

@@ -16,6 +16,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from kvserve.kv.block import KVBlock
+from kvserve.request import Request
+
 
 class BlockTransfer(NamedTuple):
     """One block to load into or save from the pool, and the prefix hash that names it."""
@@ -47,3 +50,22 @@ class ExternalBlocks(Protocol):
         """The step's loads, decided (once per schedule, possibly empty): what the lookups
         of this schedule found beyond them will not be loaded."""
         ...
+
+
+def blocks_to_swap_out(
+    table: Sequence[KVBlock], request: Request, block_size: int, connector: ExternalBlocks
+) -> list[BlockTransfer]:
+    """A preempted request's computed full blocks the connector does not hold yet.
+
+    Swap preemption saves these before freeing them; the partial last block is left out
+    (it has no hash: it is recomputed on resume). The connector's leading run is skipped:
+
+        table     [ b0 b1 b2 b3 | b4 (partial) ]    num_computed_tokens // block_size = 4
+        held         b0 b1                          -> save (b2, h2), (b3, h3)
+    """
+    hashes = request.block_hashes
+    num_full = min(len(table), len(hashes), request.num_computed_tokens // block_size)
+    if num_full == 0:
+        return []
+    num_held = connector.num_held_blocks(hashes[:num_full])
+    return [BlockTransfer(table[i].block_id, hashes[i]) for i in range(num_held, num_full)]

@@ -105,6 +105,10 @@ class KVStore(ABC):
     def remove(self, key: bytes) -> None:
         """Forget `key`; nothing happens when it is not held."""
 
+    def occupancy(self) -> tuple[int, int, int]:
+        """(entries, bytes held, byte budget) now; zeros for a store that keeps no count."""
+        return (0, 0, 0)
+
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op for stores without resources
         """Release connections or handles; the store is not used afterwards."""
 

@@ -43,6 +43,9 @@ class CPUStore(KVStore):
         """Bytes of the values held now."""
         return self._num_bytes
 
+    def occupancy(self) -> tuple[int, int, int]:
+        return (len(self), self.num_bytes, self.capacity_bytes)
+
     def __len__(self) -> int:
         return len(self._entries)
 

@@ -80,6 +80,9 @@ class DiskStore(KVStore):
         """Bytes of the files in the index."""
         return self._num_bytes
 
+    def occupancy(self) -> tuple[int, int, int]:
+        return (len(self), self.num_bytes, self.capacity_bytes)
+
     def __len__(self) -> int:
         return len(self._index)
 

@@ -42,8 +42,11 @@ class LatencyHistogram:
         return tuple(pairs)
 
 
-def tier_metrics(stats: TierStats, load_seconds: LatencyHistogram) -> TierMetrics:
-    """One tier's record: its store's counters and its load latency."""
+def tier_metrics(
+    stats: TierStats, load_seconds: LatencyHistogram, occupancy: tuple[int, int, int] = (0, 0, 0)
+) -> TierMetrics:
+    """One tier's record: its store's counters, its load latency, and what it holds now
+    (`KVStore.occupancy`)."""
     return TierMetrics(
         hits=stats.hits,
         misses=stats.misses,
@@ -57,4 +60,7 @@ def tier_metrics(stats: TierStats, load_seconds: LatencyHistogram) -> TierMetric
         load_seconds_sum=load_seconds.sum,
         load_seconds_count=load_seconds.count,
         load_seconds_buckets=load_seconds.cumulative(),
+        blocks_held=occupancy[0],
+        bytes_held=occupancy[1],
+        capacity_bytes=occupancy[2],
     )

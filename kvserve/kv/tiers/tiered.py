@@ -206,7 +206,7 @@ class TieredConnector(KVConnector):
     def get_metrics(self) -> ConnectorMetrics:
         """Each tier's counters and load latency, and the unreadable entries found."""
         tiers = {
-            store.name: tier_metrics(store.stats, self._load_seconds[store.name])
+            store.name: tier_metrics(store.stats, self._load_seconds[store.name], store.occupancy())
             for store in self.stores
         }
         stats = self.restore_stats

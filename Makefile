@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PROMPT ?= Explain in three sentences why an LLM server caches keys and values but not queries.
 
-.PHONY: setup run demo test test-fast lint eval-deps redis-server clean
+.PHONY: setup run demo test test-fast lint eval-deps redis-server chromium clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,11 +26,11 @@ demo: setup
 	$(VENV)/bin/kvserve generate --chat --max-tokens 160 --prompt "$(PROMPT)"
 
 # `kvserve kernels` builds the C++ kernels first (once per machine), outside any test's timeout.
-test: setup redis-server
+test: setup redis-server chromium
 	$(VENV)/bin/kvserve kernels
 	$(PY) -m pytest -q
 
-test-fast: setup redis-server
+test-fast: setup redis-server chromium
 	$(VENV)/bin/kvserve kernels
 	$(PY) -m pytest -q -m "not slow"
 
@@ -48,6 +48,14 @@ redis-server:
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get install -y -q redis-server >/dev/null 2>&1 || \
 	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q redis-server >/dev/null; }; }
+
+# The KV inspector page's tests drive Debian's chromium headless through Playwright's Python
+# driver (tests/browser.py); no browser is downloaded from anywhere else.
+chromium:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q chromium >/dev/null; }; }
 
 lint: setup
 	$(VENV)/bin/ruff check kvserve tests scripts

@@ -14,6 +14,12 @@ from kvserve.server.limits import add_limit_args
 def add_subcommand(commands: Any) -> None:
     serve = commands.add_parser("serve", help="OpenAI-compatible HTTP server")
     add_server_args(serve)
+    serve.add_argument(
+        "--kv-inspector-show-text",
+        action="store_true",
+        help="the KV inspector page (/kv) shows the tokens each block holds, as text "
+        "(off: prompts may be private)",
+    )
     serve.set_defaults(func=run)
 
 
@@ -41,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)  # before loading the model: a bad flag fails fast
     config = EngineConfig.from_cli_args(args)
     async_engine = AsyncEngine.build(lambda: Engine(config), limits.slo())  # built where it steps
+    async_engine.inspector.show_text = args.kv_inspector_show_text
     log_ready("engine")
     name = args.served_model_name or model_name(async_engine.engine.model_path)
     serve(async_engine, name, args.host, args.port, args.api_key, limits, args.public_metrics)

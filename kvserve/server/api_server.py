@@ -4,6 +4,8 @@
     GET|HEAD /health           200 while the server can answer, 503 when no engine replica
                                is up (never needs the API key)
     GET  /metrics              Prometheus text (kvserve/server/metrics.py)
+    GET  /kv, /kv/state        the KV inspector: a live page of the cache, and its JSON
+                               (server/inspector/)
     GET  /v1/models            the one served model
     POST /v1/completions       prompt (text or token ids) -> text, streamed with "stream": true
     POST /v1/chat/completions  messages (the model's chat template) -> message, streamed
@@ -33,6 +35,7 @@ from starlette.types import ASGIApp
 from kvserve.server.admission import AdmissionGate, AdmitAtArrival
 from kvserve.server.engine_client import EngineClient
 from kvserve.server.errors import add_error_handlers
+from kvserve.server.inspector.routes import add_inspector_routes
 from kvserve.server.limits import ServerLimits
 from kvserve.server.metrics import ServerMetrics
 from kvserve.server.middleware import Auth, BodyGuard, RequestContext
@@ -58,6 +61,9 @@ def build_app(
     """
     limits = limits or ServerLimits()
     metrics = ServerMetrics(engine.get_metrics, model_name, engine.collectors())
+    inspector = getattr(engine, "inspector", None)
+    if inspector is not None:  # its TTFT / ITL percentiles
+        metrics.latency_windows = (inspector.series.ttft, inspector.series.itl)
     app = _routes(Serving(engine, model_name, metrics, limits=limits))
     # every POST route's body is read and checked by BodyGuard
     routes = [route for route in app.routes if isinstance(route, APIRoute)]
@@ -92,6 +98,8 @@ def _routes(serving: Serving) -> FastAPI:
     async def model(model_id: str) -> dict[str, Any]:
         check_model(model_id, serving.model_name)
         return serving.model_card()
+
+    add_inspector_routes(app, serving.engine)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Any:

@@ -37,6 +37,7 @@ from kvserve.server.engine_commands import (
     Command,
     LoadReport,
 )
+from kvserve.server.inspector.publisher import KVInspector
 from kvserve.server.slo_gate import SLOGate
 
 logger = logging.getLogger("kvserve")
@@ -86,6 +87,10 @@ class AsyncEngine:
         # wakes its long poll with it).
         self.on_kv_events: Callable[[], None] | None = None
         self._wake = threading.Event()
+        # the KV inspector's copies and series (server/inspector/), taken on the engine thread
+        self.inspector = KVInspector()
+        self.inspector.wake = self._wake.set
+        self._num_steps = 0
         self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delivery]]] = {}
         self._stopping = False
         built: queue.Queue[BaseException | None] = queue.Queue(maxsize=1)
@@ -214,6 +219,7 @@ class AsyncEngine:
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
+                self.inspector.update(self.engine, self._num_steps, changed=False)
                 continue
             self._step()
 
@@ -248,9 +254,11 @@ class AsyncEngine:
         self.load_report = report  # replaced whole: readers on other threads see one report
         if self.slo_gate is not None:
             self.slo_gate.publish(*report)
+        self.inspector.update(self.engine, self._num_steps, changed=True)
 
     def _step(self) -> None:
         try:
+            self._num_steps += 1
             outputs = self.engine.step()
         except Exception as error:  # a bug or out of memory: fail those requests, keep serving
             logger.exception("engine step failed; failing the requests in flight")

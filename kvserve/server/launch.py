@@ -47,8 +47,9 @@ def uvicorn_config(app: ASGIApp, host: str, port: int, limits: ServerLimits) -> 
     )
 
 
-def _banner(model: str, host: str, port: int, api_key: str | None) -> str:
-    """How to call the server: a curl line and a Python snippet, ready to paste."""
+def _banner(model: str, host: str, port: int, api_key: str | None, inspector: bool = False) -> str:
+    """How to call the server: a curl line and a Python snippet, ready to paste; where the
+    KV inspector is."""
     base = f"http://{host}:{port}/v1"
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     body = json.dumps(
@@ -62,7 +63,7 @@ def _banner(model: str, host: str, port: int, api_key: str | None) -> str:
         f'c = OpenAI(base_url="{base}", api_key="{key}"); '
         f'print(c.chat.completions.create(model="{model}", '
         f'messages=[{{"role": "user", "content": "Hello!"}}]).choices[0].message.content)\''
-    )
+    ) + (f"\n  KV inspector: http://{host}:{port}/kv" if inspector else "")
 
 
 def serve(
@@ -78,7 +79,9 @@ def serve(
     requests finish), then stop the engine loop."""
     limits = limits or ServerLimits()
     app = build_app(engine, model_name, api_key, limits, public_metrics)
-    print(_banner(model_name, host, port, api_key), file=sys.stderr, flush=True)
+    inspector = hasattr(engine, "inspector")
+    banner = _banner(model_name, host, port, api_key, inspector)
+    print(banner, file=sys.stderr, flush=True)
     config = uvicorn_config(app, host, port, limits)
     try:
         Server(config).run()

@@ -39,6 +39,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from kvserve.outputs import EngineMetrics, RequestOutput, TierMetrics
+from kvserve.server.inspector.series import LatencyWindow
 
 PREFIX = "kvserve:"
 _TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
@@ -180,6 +181,8 @@ class ServerMetrics:
             registry=self.registry,
         )  # fmt: skip
         self._model_name = model_name
+        # (TTFT, ITL) windows the KV inspector's percentiles read (server/inspector/series.py)
+        self.latency_windows: tuple[LatencyWindow, LatencyWindow] | None = None
 
     def count_slo_rejection(self, objective: str) -> None:
         """One request turned away for `objective` ("ttft" or "tpot")."""
@@ -205,12 +208,17 @@ class ServerMetrics:
             now = time.monotonic()
             total = sum(len(c.token_ids) for c in output.outputs)
             if total > num_tokens:
+                windows = self.latency_windows
                 if num_tokens == 0:
                     self._ttft.observe(now - start)
+                    if windows is not None:
+                        windows[0].observe(now - start)
                 else:
                     gap = (now - last) / (total - num_tokens)
                     for _ in range(total - num_tokens):
                         self._itl.observe(gap)
+                    if windows is not None:
+                        windows[1].observe(gap)
                 num_tokens, last = total, now
             if output.finished:
                 self._e2e.observe(now - start)

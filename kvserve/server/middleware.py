@@ -3,7 +3,9 @@
     RequestContext  X-Request-Id in and out, one log line per request, and any fault a 500 in
                     OpenAI's shape naming the request id (logged with its traceback)
     Auth            with an API key: `Authorization: Bearer KEY` on every path but the open
-                    ones, checked before the body is read, in constant time -> 401
+                    ones, checked before the body is read, in constant time -> 401; the KV
+                    inspector's pages (/kv...) also take HTTP Basic (the key as password),
+                    so a browser asks for it
     AdmitAtArrival  (admission.py) a seat per generation request -> 429
     BodyGuard       Content-Length or the bytes read past the limit -> 413; a POST body that
                     is not a JSON object in UTF-8 (request_body.py) -> 400; one that is, is
@@ -15,6 +17,8 @@ without touching the body, and streams pass through untouched.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import logging
 import uuid
@@ -73,28 +77,49 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
 
 
 class Auth:
-    """With `api_key`, every path but `open_paths` needs `Authorization: Bearer KEY`."""
+    """With `api_key`, every path but `open_paths` needs `Authorization: Bearer KEY`; paths
+    under `browser_prefix` take `Authorization: Basic` too (any user, the key as password),
+    and their 401 asks a browser for it."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None, open_paths: frozenset[str]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        api_key: str | None,
+        open_paths: frozenset[str],
+        browser_prefix: str = "/kv",
+    ) -> None:
         self.app = app
         self.key = None if api_key is None else api_key.encode()
         self.open_paths = open_paths
+        self.browser_prefix = browser_prefix
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         guarded = scope["type"] == "http" and scope["path"] not in self.open_paths
-        if guarded and self.key is not None and not _authorized(scope["headers"], self.key):
-            message = "invalid or missing API key: send 'Authorization: Bearer KEY'"
-            headers = {"WWW-Authenticate": "Bearer"}
-            await send_error(send, 401, message, "authentication_error", headers=headers)
-            return
+        if guarded and self.key is not None:
+            path = scope["path"]
+            browser = path == self.browser_prefix or path.startswith(self.browser_prefix + "/")
+            if not _authorized(scope["headers"], self.key, browser):
+                message = "invalid or missing API key: send 'Authorization: Bearer KEY'"
+                challenge = 'Basic realm="kvserve", charset="UTF-8"' if browser else "Bearer"
+                headers = {"WWW-Authenticate": challenge}
+                await send_error(send, 401, message, "authentication_error", headers=headers)
+                return
         await self.app(scope, receive, send)
 
 
-def _authorized(headers: list[tuple[bytes, bytes]], key: bytes) -> bool:
+def _authorized(headers: list[tuple[bytes, bytes]], key: bytes, basic: bool) -> bool:
+    """The Bearer token is the key (with `basic`, also: a Basic password is the key)."""
     given = next((value for name, value in headers if name == b"authorization"), b"")
     scheme, _, token = given.partition(b" ")
+    scheme = scheme.lower()
+    if basic and scheme == b"basic":
+        try:
+            _, _, token = base64.b64decode(token.strip(), validate=True).partition(b":")
+        except binascii.Error:
+            return False
+        scheme = b"bearer"
     # compare_digest takes time independent of where the bytes differ
-    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+    return scheme == b"bearer" and hmac.compare_digest(token.strip(), key)
 
 
 class BodyGuard:

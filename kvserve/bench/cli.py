@@ -1,12 +1,20 @@
 """`kvserve bench latency | throughput | prefix | memory | serve | kv-dtype | tiers |
-trace-tiers`: the subcommands, and one JSON record per run (`--output-json`)."""
+trace-tiers | inspector`: the subcommands, and one JSON record per run (`--output-json`)."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
 
-from kvserve.bench import cache_bench, kv_dtype_bench, offline, serve_bench, tier_bench, trace_tiers
+from kvserve.bench import (
+    cache_bench,
+    inspector_bench,
+    kv_dtype_bench,
+    offline,
+    serve_bench,
+    tier_bench,
+    trace_tiers,
+)
 from kvserve.bench.record import Record, machine_info, write_record
 from kvserve.config import EngineConfig
 from kvserve.utils.load_monitor import LoadMonitor
@@ -43,6 +51,7 @@ def add_subcommands(bench_parser: argparse.ArgumentParser) -> None:
     kv_dtype_bench.add_subcommand(commands)
     tier_bench.add_subcommand(commands)
     trace_tiers.add_subcommand(commands)
+    inspector_bench.add_subcommand(commands)
     bench_parser.set_defaults(func=main)
 
 
@@ -57,6 +66,7 @@ def main(args: argparse.Namespace) -> int:
         "kv-dtype": kv_dtype_bench.run,
         "tiers": tier_bench.run,
         "trace-tiers": trace_tiers.run,
+        "inspector": inspector_bench.run,
     }
     record: Record = runs[args.bench_command](args, monitor)
     if "benchmark" not in record:  # prefix, memory, serve, tiers, ...: results only

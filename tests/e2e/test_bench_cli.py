@@ -155,3 +155,16 @@ def test_bench_kv_dtype_speed_and_bytes(tiny: str, tmp_path: Path) -> None:
         assert row["measured"] == row["formula"] and row["decode_tok_s_b2"] > 0
     assert rows["auto"]["decode_ratio_b1"] == 1.0
     assert rows["int4"]["measured"] < rows["int8"]["measured"] < rows["auto"]["measured"]
+
+
+def test_bench_inspector_copies_only_while_watched(tiny: str, tmp_path: Path) -> None:
+    record = run_bench(
+        ["inspector", "--model", tiny, "--concurrency", "2", "--input-len", "8",
+         "--output-len", "4", "--phase-s", "1.5", "--num-phases", "2", "--warmup-s", "0.5"],
+        tmp_path,
+    )  # fmt: skip
+    results = record["results"]
+    assert results["closed"]["num_steps"] > 0 and results["open"]["num_steps"] > 0
+    assert results["closed"]["num_copies"] == 0
+    assert results["open"]["num_copies"] > 0
+    assert results["open"]["copy_share"] > 0

@@ -82,6 +82,16 @@ def test_the_page_draws_the_engines_blocks_and_a_selected_request(tiny_chat_llam
             text = page.locator("#block-text").inner_text()
             assert text and text in PROMPT
             assert page.locator("#block").inner_text().count("#") >= 2  # both samples own it
+            # paused, the page keeps its picture (and stops polling); resumed, it catches up
+            page.locator("#pause").click()
+            gate.allow(1)
+            wait_for(lambda: http.get("/kv/state").json()["step"] == 4, "the copy of step 4")
+            page.wait_for_timeout(1500)  # several poll intervals (400 ms)
+            assert page.locator("#status").inner_text().startswith("step 3 ")
+            page.locator("#pause").click()
+            page.wait_for_function(
+                "() => document.querySelector('#status').textContent.startsWith('step 4 ')"
+            )
             gate.open()
             for thread in threads:
                 thread.join(timeout=120)

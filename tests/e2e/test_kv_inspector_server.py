@@ -94,3 +94,17 @@ def test_the_tiers_show_what_they_hold(tiny_chat_llama: Path) -> None:
         tier = cpu()
         assert tier["capacity_bytes"] == budget and 0 < tier["bytes_held"] <= budget
         assert tier["blocks_written"] >= tier["blocks_held"]
+
+
+def test_the_series_comes_in_pieces(tiny_chat_llama: Path) -> None:
+    engine = AsyncEngine(make_engine(str(tiny_chat_llama), num_kv_blocks=64))
+    with serve_in_thread(engine) as base, httpx.Client(base_url=base, timeout=60) as http:
+        wait_for(lambda: len(http.get("/kv/state").json()["series"]) >= 2, "two points")
+        whole = http.get("/kv/state").json()
+        since = whole["series"][0]["t"]
+        part = http.get("/kv/state", params={"since": since}).json()
+        assert part["series_origin"] == whole["series_origin"]
+        assert part["series"][: len(whole["series"]) - 1] == whole["series"][1:]
+        assert all(point["t"] > since for point in part["series"])
+        for wrong in ("nan", "inf", "soon"):
+            assert_openai_error(http.get("/kv/state", params={"since": wrong}), 400)

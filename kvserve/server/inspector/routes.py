@@ -2,7 +2,8 @@
 with HTTP Basic: any user name, the key as password):
 
     GET /kv                 the page (static/kv.html; its script and style under /kv/static/)
-    GET /kv/state           the cache now, the series and the cost, as JSON (docs/inspector.md)
+    GET /kv/state           the cache now, the series and the cost, as JSON (docs/inspector.md);
+                            ?since=t: only the series' points after t (what the page polls)
     GET /kv/blocks/{id}     one block: state, ref count, hash, owners (text with
                             --kv-inspector-show-text)
 
@@ -12,6 +13,7 @@ An engine without an inspector (`kvserve cluster`'s replicas) answers 404 on the
 from __future__ import annotations
 
 import asyncio
+import math
 from importlib import resources
 from typing import Any
 
@@ -43,10 +45,12 @@ def add_inspector_routes(app: FastAPI, engine: Any) -> None:
     app.mount("/kv/static", StaticFiles(directory=str(STATIC)), name="kv-static")
 
     @app.get("/kv/state")
-    async def state() -> JSONResponse:
+    async def state(since: float | None = None) -> JSONResponse:
+        if since is not None and not math.isfinite(since):
+            raise HTTPException(400, "since: must be a finite number of seconds")
         source = inspector()
         current = await _latest(source)
-        return JSONResponse(state_json(source, current), headers=NO_CACHE)
+        return JSONResponse(state_json(source, current, since), headers=NO_CACHE)
 
     @app.get("/kv/blocks/{block_id}")
     async def block(block_id: int) -> JSONResponse:

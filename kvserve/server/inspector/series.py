@@ -53,6 +53,7 @@ class Series:
         self.itl = LatencyWindow()
         self._points: deque[dict[str, Any]] = deque(maxlen=maxlen)
         self._start = time.monotonic()
+        self.origin = time.time()  # t = 0 as wall-clock time: a new origin is a new series
         self._last_t = -float("inf")
         self._last: EngineMetrics | None = None
 
@@ -66,8 +67,12 @@ class Series:
             self._points.append(self._point(now, metrics, self._last, now - self._last_t))
         self._last, self._last_t = metrics, now
 
-    def points(self) -> list[dict[str, Any]]:
-        return list(tuple(self._points))
+    def points(self, since: float | None = None) -> list[dict[str, Any]]:
+        """The points, or only those after `t` = `since` (a page that has the rest)."""
+        points = tuple(self._points)
+        if since is None:
+            return list(points)
+        return [p for p in points if p["t"] > since]
 
     def latest(self) -> EngineMetrics | None:
         return self._last

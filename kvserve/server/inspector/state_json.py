@@ -25,8 +25,11 @@ def block_state(block_id: int, ref_cnt: int, block_hash: bytes | None) -> str:
     return "free" if block_hash is None else "cached"
 
 
-def state_json(inspector: KVInspector, state: KVState) -> dict[str, Any]:
-    """The whole of /kv/state: the pool, the requests, the cost, the series, the tiers."""
+def state_json(
+    inspector: KVInspector, state: KVState, since: float | None = None
+) -> dict[str, Any]:
+    """The whole of /kv/state: the pool, the requests, the cost, the series (after `since`
+    when given), the tiers."""
     states = [
         block_state(i, ref, h)
         for i, (ref, h) in enumerate(zip(state.ref_counts, state.block_hashes, strict=True))
@@ -49,7 +52,8 @@ def state_json(inspector: KVInspector, state: KVState) -> dict[str, Any]:
         },
         "requests": [_request_json(r) for r in state.requests],
         "cost": cost_json(state.shape, state.requests, counts["used"] + counts["shared"]),
-        "series": inspector.series.points(),
+        "series_origin": inspector.series.origin,
+        "series": inspector.series.points(since),
         "tiers": {} if latest is None else _tiers_json(latest.kv_tiers),
     }
 

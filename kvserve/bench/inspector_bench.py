@@ -5,9 +5,10 @@ A server (this process: uvicorn on a thread, the engine on its own, as `kvserve 
 serves a steady load: `--concurrency` clients each sending random prompts of `--input-len`
 tokens for `--output-len` tokens, one after another. Phases of `--phase-s` seconds alternate
 "closed" (nobody watches: the inspector copies nothing) and "open" (a viewer polls /kv/state
-every 0.4 s as the page does; `--viewer browser` opens the real page in Debian's chromium,
-whose drawing then shares the machine's cores). A view keeps the copies coming for WATCH_S
-after it, so each closed phase starts after a settle gap the clock does not count.
+every 0.4 s as the page does, asking for the series' new points only; `--viewer browser`
+opens the real page in Debian's chromium, whose drawing then shares the machine's cores).
+A view keeps the copies coming for WATCH_S after it, so each closed phase starts after a
+settle gap the clock does not count.
 
 Per phase: the engine loop's time per step (model step + outputs + the inspector's update and
 copy) and per scheduled token, and the time spent copying the cache. Step times depend on the
@@ -237,9 +238,14 @@ def _watch(base: str, viewer: str, seconds: float) -> None:
         time.sleep(seconds)
         return
     if viewer == "poll":
+        since: dict[str, float] = {}  # the page asks only for the series' new points
         with httpx.Client(base_url=base, timeout=60) as http:
             while time.monotonic() < end:
-                http.get("/kv/state").raise_for_status()
+                reply = http.get("/kv/state", params=since)
+                reply.raise_for_status()
+                points = reply.json()["series"]
+                if points:
+                    since = {"since": points[-1]["t"]}
                 time.sleep(POLL_S)
         return
     try:

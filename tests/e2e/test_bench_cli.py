@@ -160,7 +160,8 @@ def test_bench_kv_dtype_speed_and_bytes(tiny: str, tmp_path: Path) -> None:
 def test_bench_inspector_copies_only_while_watched(tiny: str, tmp_path: Path) -> None:
     record = run_bench(
         ["inspector", "--model", tiny, "--concurrency", "2", "--input-len", "8",
-         "--output-len", "4", "--phase-s", "1.5", "--num-phases", "2", "--warmup-s", "0.5"],
+         "--output-len", "4", "--phase-s", "1.5", "--num-phases", "3", "--warmup-s", "0.5",
+         "--watch-s", "0.5"],
         tmp_path,
     )  # fmt: skip
     results = record["results"]
@@ -168,3 +169,8 @@ def test_bench_inspector_copies_only_while_watched(tiny: str, tmp_path: Path) ->
     assert results["closed"]["num_copies"] == 0
     assert results["open"]["num_copies"] > 0
     assert results["open"]["copy_share"] > 0
+    assert results["open"]["answer_share"] > 0 and results["closed"]["answer_share"] == 0
+    assert len(results["decode_step_ratio_by_pair"]) == 2
+    from kvserve.server.inspector import routes, state_json
+
+    assert routes.state_json is state_json.state_json  # the bench's clock is gone

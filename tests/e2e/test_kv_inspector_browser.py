@@ -32,7 +32,8 @@ def test_the_page_draws_the_engines_blocks_and_a_selected_request(tiny_chat_llam
     gate = StepGate(engine)
     async_engine = AsyncEngine(engine)
     async_engine.inspector.show_text = True
-    async_engine.inspector.interval_s = 0.0  # a copy after every step
+    async_engine.inspector.interval_s = 0.0  # a copy after every step (the next no sooner
+    async_engine.inspector.copy_budget = 1.0  # than the last one ends)
     gate.before_step = async_engine._apply_commands
     auth = {"Authorization": f"Bearer {KEY}"}
     with (

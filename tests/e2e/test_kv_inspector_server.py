@@ -50,7 +50,8 @@ def test_block_text_only_with_show_text(tiny_chat_llama: Path, show_text: bool) 
     gate = StepGate(engine)
     async_engine = AsyncEngine(engine)
     async_engine.inspector.show_text = show_text
-    async_engine.inspector.interval_s = 0.0  # a copy after every step
+    async_engine.inspector.interval_s = 0.0  # a copy after every step (the next no sooner
+    async_engine.inspector.copy_budget = 1.0  # than the last one ends)
     gate.before_step = async_engine._apply_commands
     with serve_in_thread(async_engine) as base, httpx.Client(base_url=base, timeout=60) as http:
         assert http.get("/kv/state").json()["requests"] == []  # watched from now on

@@ -6,12 +6,14 @@ the engine's invariants hold throughout."""
 from __future__ import annotations
 
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from kvserve.engine.engine import Engine
 from kvserve.sampling_params import SamplingParams
+from kvserve.server.inspector import publisher
 from kvserve.server.inspector.publisher import KVInspector
 from kvserve.server.inspector.state_json import block_json, state_json
 from tests.helpers import assert_no_blocks_held, make_engine, random_prompts
@@ -78,7 +80,7 @@ def test_the_copy_matches_the_engine_through_sharing_forks_preemption_and_abort(
     llama: str,
 ) -> None:
     engine = make_engine(llama, num_kv_blocks=24, block_size=BLOCK, max_model_len=64)
-    inspector = KVInspector(show_text=True, interval_s=0.0)
+    inspector = KVInspector(show_text=True, interval_s=0.0, copy_budget=1.0)
     vocab = engine.model_config.vocab_size
     prefix, tail_a, tail_b, prompt_c = random_prompts(vocab, [16, 8, 6, 10], seed=3)
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
@@ -114,7 +116,7 @@ def test_the_copy_matches_the_engine_through_sharing_forks_preemption_and_abort(
 
 def test_nothing_is_copied_while_no_page_watches_and_text_only_when_asked(llama: str) -> None:
     engine = make_engine(llama, num_kv_blocks=24, block_size=BLOCK, max_model_len=64)
-    inspector = KVInspector(interval_s=0.0)
+    inspector = KVInspector(interval_s=0.0, copy_budget=1.0)
     inspector.update(engine, 0, changed=True)
     assert inspector.state is None  # nobody viewed it
     engine.add_request("A", {"prompt_token_ids": list(range(3, 20))}, SamplingParams(max_tokens=4))
@@ -125,3 +127,22 @@ def test_nothing_is_copied_while_no_page_watches_and_text_only_when_asked(llama:
     detail = block_json(inspector, state, block, engine.tokenizer)
     assert detail["owners"] == [{"request_id": "A", "index": 0}]
     assert detail["token_ids"] is None and detail["text"] is None
+
+
+def test_copies_take_at_most_their_budget_of_the_engines_time(
+    llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy that took 2 ms on a 1% budget: the next one no sooner than 0.2 s later."""
+    clock = iter([100.0, 100.002, 100.1, 100.19, 100.21, 100.211])
+    monkeypatch.setattr(publisher, "time", SimpleNamespace(monotonic=lambda: next(clock)))
+    engine = make_engine(llama, num_kv_blocks=24, block_size=BLOCK, max_model_len=64)
+    inspector = KVInspector(interval_s=0.05, copy_budget=0.01)
+    inspector._watched_until = float("inf")  # watched throughout
+    inspector.update(engine, 1, changed=True)  # 100.0: a copy, ends at 100.002
+    first = inspector.state
+    assert first is not None
+    inspector.update(engine, 2, changed=True)  # 100.1: past interval_s, not past the budget
+    inspector.update(engine, 3, changed=True)  # 100.19
+    assert inspector.state is first
+    inspector.update(engine, 4, changed=True)  # 100.21: a copy
+    assert inspector.state is not first and inspector.state.step == 4

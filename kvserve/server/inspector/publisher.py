@@ -6,6 +6,8 @@ and the metrics' time series always.
       - a series point every 0.5 s                    WATCH_S seconds; wakes an idle engine
       - a copy (capture_kv_state) if watched,          whose copy is older than its state
         changed, and INTERVAL_S since the last
+        (or 100x the last copy's time: copies
+        take at most COPY_BUDGET of the engine)
     idle, every 0.5 s or woken: update()
 
 Copies are immutable and replaced whole, as `load_report` is, so the event loop never reads
@@ -24,6 +26,7 @@ from kvserve.server.inspector.series import Series
 
 WATCH_S = 5.0  # a view keeps copies coming this long
 INTERVAL_S = 0.15  # at most ~6 copies a second
+COPY_BUDGET = 0.01  # and copies take at most 1% of the engine's time (a big pool, fewer)
 
 
 class KVInspector:
@@ -34,21 +37,29 @@ class KVInspector:
     freed but is still cached are remembered by its hash while it stays in the pool.
     """
 
-    def __init__(self, show_text: bool = False, interval_s: float = INTERVAL_S) -> None:
+    def __init__(
+        self,
+        show_text: bool = False,
+        interval_s: float = INTERVAL_S,
+        watch_s: float = WATCH_S,
+        copy_budget: float = COPY_BUDGET,
+    ) -> None:
         self.show_text = show_text
         self.interval_s = interval_s
+        self.watch_s = watch_s
+        self.copy_budget = copy_budget
         self.series = Series()
         self.wake: Callable[[], None] = lambda: None  # set by the engine loop
         self.state: KVState | None = None
         self.cached_tokens: dict[bytes, tuple[int, ...]] = {}  # hash -> token ids
         self._shape: KVShape | None = None
         self._watched_until = 0.0
-        self._last_copy = -float("inf")
+        self._next_copy = -float("inf")
         self._stale = True
 
     def view(self) -> KVState | None:
-        """The latest copy (None before the first); keeps copies coming for WATCH_S."""
-        self._watched_until = time.monotonic() + WATCH_S
+        """The latest copy (None before the first); keeps copies coming for `watch_s`."""
+        self._watched_until = time.monotonic() + self.watch_s
         if self._stale:
             self.wake()
         return self.state
@@ -58,7 +69,7 @@ class KVInspector:
         self._stale = self._stale or changed
         self.series.maybe_sample(engine.get_metrics)
         now = time.monotonic()
-        if not self._stale or now > self._watched_until or now - self._last_copy < self.interval_s:
+        if not self._stale or now > self._watched_until or now < self._next_copy:
             return
         if self._shape is None:
             self._shape = kv_shape(engine)
@@ -67,7 +78,8 @@ class KVInspector:
             self.cached_tokens = _remember_tokens(state, self.cached_tokens)
         self.state = state
         self._stale = False
-        self._last_copy = now
+        spent = time.monotonic() - now
+        self._next_copy = now + max(self.interval_s, spent / self.copy_budget)
 
 
 def _remember_tokens(

@@ -108,7 +108,8 @@ def keep_busy(
 class Viewer:
     """What watches the inspector in the open phases: nobody ('none', the A/A run), a poller
     of /kv/state as the page polls ('poll'), or the page itself in Debian's chromium
-    ('browser': launched once; a closed phase shows about:blank)."""
+    ('browser': the page loaded once and paused in the closed phases, so the open ones
+    measure it updating, not loading)."""
 
     def __init__(self, base: str, kind: str) -> None:
         self.base, self.kind = base, kind
@@ -128,14 +129,18 @@ class Viewer:
         if self.kind == "none":
             time.sleep(seconds)
         elif self.kind == "browser":
-            self.page.goto(self.base + "/kv")
+            self._press_pause()  # resume
             self.page.wait_for_timeout(1000 * max(0.0, end - time.monotonic()))
         else:
             self._poll(end)
 
     def close(self) -> None:
         if self.page is not None:
-            self.page.goto("about:blank")
+            self._press_pause()
+
+    def _press_pause(self) -> None:
+        """The page's pause button: paused, it keeps its picture and polls nothing."""
+        self.page.locator("#pause").click()
 
     def _poll(self, end: float) -> None:
         since: dict[str, float] = {}  # the page asks only for the series' new points
@@ -162,6 +167,9 @@ class Viewer:
             executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"]
         )
         self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        self.page.goto(self.base + "/kv")  # loaded once, then paused while closed
+        self.page.wait_for_selector("#grid .blk")
+        self._press_pause()
 
 
 class ServerThread:

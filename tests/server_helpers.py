@@ -147,6 +147,18 @@ class StepGate:
             self._cond.notify_all()
 
 
+def gated_inspected_engine(engine: Engine, show_text: bool) -> tuple[StepGate, AsyncEngine]:
+    """`engine` behind a StepGate, in an AsyncEngine whose inspector copies after every step
+    (the next copy no sooner than the last one ends) and shows text when `show_text`."""
+    gate = StepGate(engine)
+    async_engine = AsyncEngine(engine)
+    async_engine.inspector.show_text = show_text
+    async_engine.inspector.interval_s = 0.0
+    async_engine.inspector.copy_budget = 1.0
+    gate.before_step = async_engine._apply_commands
+    return gate, async_engine
+
+
 @contextmanager
 def serve_in_thread(
     engine: AsyncEngine, api_key: str | None = None, limits: ServerLimits | None = None

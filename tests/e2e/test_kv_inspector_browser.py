@@ -13,10 +13,9 @@ import httpx
 import pytest
 from playwright.sync_api import Error as PlaywrightError
 
-from kvserve.server.async_engine import AsyncEngine
 from tests.browser import browser_page
 from tests.helpers import make_engine
-from tests.server_helpers import StepGate, serve_in_thread, wait_for
+from tests.server_helpers import gated_inspected_engine, serve_in_thread, wait_for
 
 KEY = "s3cret"
 PROMPT = "the quick brown fox jumps over the lazy dog, 0123456789"
@@ -29,12 +28,7 @@ def _ids(page: object, selector: str) -> set[int]:
 
 def test_the_page_draws_the_engines_blocks_and_a_selected_request(tiny_chat_llama: Path) -> None:
     engine = make_engine(str(tiny_chat_llama), num_kv_blocks=64, block_size=4)
-    gate = StepGate(engine)
-    async_engine = AsyncEngine(engine)
-    async_engine.inspector.show_text = True
-    async_engine.inspector.interval_s = 0.0  # a copy after every step (the next no sooner
-    async_engine.inspector.copy_budget = 1.0  # than the last one ends)
-    gate.before_step = async_engine._apply_commands
+    gate, async_engine = gated_inspected_engine(engine, show_text=True)
     auth = {"Authorization": f"Bearer {KEY}"}
     with (
         serve_in_thread(async_engine, api_key=KEY) as base,

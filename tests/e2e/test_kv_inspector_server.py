@@ -14,7 +14,12 @@ import pytest
 
 from kvserve.server.async_engine import AsyncEngine
 from tests.helpers import make_engine
-from tests.server_helpers import StepGate, assert_openai_error, serve_in_thread, wait_for
+from tests.server_helpers import (
+    assert_openai_error,
+    gated_inspected_engine,
+    serve_in_thread,
+    wait_for,
+)
 
 KEY = "s3cret"
 PROMPT = "the quick brown fox jumps over the lazy dog"
@@ -47,12 +52,7 @@ def test_no_key_no_page_and_no_state(tiny_chat_llama: Path) -> None:
 @pytest.mark.parametrize("show_text", [False, True])
 def test_block_text_only_with_show_text(tiny_chat_llama: Path, show_text: bool) -> None:
     engine = make_engine(str(tiny_chat_llama), num_kv_blocks=64, block_size=4)
-    gate = StepGate(engine)
-    async_engine = AsyncEngine(engine)
-    async_engine.inspector.show_text = show_text
-    async_engine.inspector.interval_s = 0.0  # a copy after every step (the next no sooner
-    async_engine.inspector.copy_budget = 1.0  # than the last one ends)
-    gate.before_step = async_engine._apply_commands
+    gate, async_engine = gated_inspected_engine(engine, show_text=show_text)
     with serve_in_thread(async_engine) as base, httpx.Client(base_url=base, timeout=60) as http:
         assert http.get("/kv/state").json()["requests"] == []  # watched from now on
         body = {"prompt": PROMPT, "max_tokens": 8, "ignore_eos": True}

@@ -22,6 +22,9 @@ FLAGS = [
 ]  # fmt: skip
 
 
+TIMEOUT_S = 120  # for every wait: generous, a loaded machine is slow, never wrong
+
+
 def chromium_path() -> str:
     path = shutil.which("chromium")
     if path is None:
@@ -56,6 +59,7 @@ def browser_page(**context_args: Any) -> Iterator[Page]:
         browser = playwright.chromium.launch(executable_path=path, headless=True, args=FLAGS)
         try:
             context = browser.new_context(viewport={"width": 1400, "height": 1000}, **context_args)
+            context.set_default_timeout(1000 * TIMEOUT_S)
             yield Page(context.new_page())
         finally:
             browser.close()
